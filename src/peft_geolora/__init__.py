@@ -1,0 +1,43 @@
+"""peft-geolora: GeoLoRA (geometric integration for low-rank adapters) as a PEFT tuner.
+
+``import peft_geolora`` registers the tuner type "geolora" with PEFT, so that ``get_peft_model`` accepts a
+:class:`GeoLoraConfig` and ``PeftModel.from_pretrained`` loads adapters of type "geolora".
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.version import Version
+
+MIN_PEFT_VERSION = "0.21.0"
+
+try:
+    _peft_version = version("peft")
+except PackageNotFoundError as exc:  # pragma: no cover - peft is a dependency
+    raise ImportError("peft_geolora needs `peft>=0.21.0`: pip install 'peft>=0.21.0,<0.22'") from exc
+if Version(_peft_version) < Version(MIN_PEFT_VERSION):
+    raise ImportError(
+        f"peft_geolora needs peft >= {MIN_PEFT_VERSION} (it relies on the tuner state-dict classmethods added in "
+        f"0.21), but peft {_peft_version} is installed. Upgrade with: pip install 'peft>=0.21.0,<0.22'"
+    )
+
+from .allocator import RankAllocator  # noqa: E402
+from .callbacks import GeoLoraCallback  # noqa: E402
+from .config import GeoLoraConfig  # noqa: E402
+from .layer import GeoLoraLayer, Linear  # noqa: E402
+from .model import GeoLoraModel  # noqa: E402
+from .registry import GEOLORA, register  # noqa: E402
+
+register(GeoLoraConfig, GeoLoraModel)
+
+__version__ = "0.1.0"
+__all__ = [
+    "GEOLORA",
+    "GeoLoraCallback",
+    "GeoLoraConfig",
+    "GeoLoraLayer",
+    "GeoLoraModel",
+    "Linear",
+    "RankAllocator",
+]

@@ -1,0 +1,79 @@
+"""``GeoLoraCallback``: runs the :class:`~peft_geolora.RankAllocator` inside the transformers ``Trainer``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .allocator import RankAllocator
+
+ALLOCATOR_STATE_NAME = "geolora_allocator.json"
+
+
+class GeoLoraCallback(TrainerCallback):
+    """Adapts GeoLoRA ranks during ``Trainer.train()``.
+
+    ``Trainer(model=peft_model, ..., callbacks=[GeoLoraCallback()])``. The allocator is built when the Trainer
+    has created its optimizer, stepped after every real optimizer step (a step the AMP scaler skipped never
+    reaches the optimizer and is skipped here too), saved into each checkpoint as ``geolora_allocator.json``
+    and restored on ``resume_from_checkpoint``. Logs gain ``geolora_total_rank`` and ``geolora_adapter_params``.
+
+    Parameters
+    ----------
+    **allocator_options : passed to :class:`~peft_geolora.RankAllocator` (``tau``, ``budget``, ...)
+    """
+
+    def __init__(self, **allocator_options: Any) -> None:
+        self.allocator_options = allocator_options
+        self.allocator: Optional[RankAllocator] = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if model is None or optimizer is None:
+            raise RuntimeError("GeoLoraCallback needs the Trainer's model and optimizer at `on_train_begin`.")
+        if self.allocator is not None:
+            self.allocator.remove()
+        self.allocator = RankAllocator(model, optimizer, **self.allocator_options)
+        if state.global_step > 0:  # resumed: continue the step count (and history) of the checkpoint
+            saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    self.allocator.load_state_dict(json.load(f))
+            else:
+                self.allocator.num_steps = state.global_step
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.allocator.step()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.allocator is None or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, ALLOCATOR_STATE_NAME), "w", encoding="utf-8") as f:
+                json.dump(self.allocator.state_dict(), f)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Optional[dict[str, float]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.allocator is None or logs is None:
+            return
+        stats = {
+            "geolora_total_rank": self.allocator.total_rank(),
+            "geolora_adapter_params": self.allocator.num_adapter_parameters(),
+        }
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)

@@ -1,0 +1,170 @@
+"""``GeoLoraConfig``: the settings of a GeoLoRA adapter and of its rank allocator (JSON-safe fields only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registry import GEOLORA
+
+
+def _check_range(name: str, value, allowed: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GeoLoraConfig(PeftConfig):
+    """Configuration of a GeoLoRA adapter (Schotthöfer et al., "GeoLoRA", arXiv 2410.18720).
+
+    Each targeted layer learns ``ΔW = s · U S Vᵀ`` with orthonormal ``U``, ``V`` and a rank that the
+    :class:`~peft_geolora.RankAllocator` adapts after every optimizer step, either per layer (relative
+    tolerance ``tau``) or under one global ``budget``.
+
+    Rank schedule, a worked example: with ``warmup_steps=100``, ``freeze_step=900``, ``schedule="step"`` the
+    allocator rotates the bases at every optimizer step; ranks stay at ``r`` for steps 1–100, adapt at every
+    step from 101 to 900, and stay at their step-900 values afterwards (the bases keep rotating). With
+    ``schedule="cycle"`` and ``cycle_length=10`` the bases are augmented at steps 11, 22, 33, … (every
+    ``cycle_length + 1`` steps), only ``S`` trains in between, and each augmentation is truncated at once.
+    """
+
+    r: int = field(default=8, metadata={"help": "Initial rank of every adapter (clamped to min(in, out) per layer)."})
+    max_rank: int = field(
+        default=16,
+        metadata={
+            "help": "Largest rank a layer keeps after truncation. Storage capacity is min(in, out, 2 * max_rank) "
+            "so that augmentation from max_rank fits."
+        },
+    )
+    min_rank: int = field(default=1, metadata={"help": "Smallest rank a layer keeps after truncation (>= 1)."})
+    tau: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative truncation tolerance in [0, 1): keep the smallest rank r1 with "
+            "||sigma[r1:]||_2 <= tau * ||sigma||_2. Ignored for rank decisions when `budget` is set."
+        },
+    )
+    abs_tol: float = field(
+        default=0.0, metadata={"help": "Singular values at or below this absolute value are always discarded."}
+    )
+    lora_alpha: float = field(
+        default=8.0,
+        metadata={"help": "Scale numerator: the adapter is multiplied by s = lora_alpha / r, fixed at creation."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match), a regex, or 'all-linear' for the modules to adapt. Supported types: "
+            "torch.nn.Linear and transformers' Conv1D. None uses the model type's defaults."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules not to adapt."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters that are trained and saved (e.g. a head)."}
+    )
+    bias: Literal["none", "all", "geolora_only"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all', or 'geolora_only'."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: S = 0, so the adapted model starts exactly at the base model. False: a random non-zero "
+            "S (for tests)."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt; None adapts every matching layer."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') used by layers_to_transform."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not supported by GeoLoRA; must stay None."}
+    )
+    budget: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Global budget over all adapters: None uses the per-layer tau rule; otherwise the pooled "
+            "singular values are truncated to this many (budget_unit='rank') or to this many trainable "
+            "parameters sum r*(m+n+r) (budget_unit='params')."
+        },
+    )
+    budget_unit: Literal["rank", "params"] = field(
+        default="rank", metadata={"help": "What `budget` counts: 'rank' (singular values) or 'params'."}
+    )
+    schedule: Literal["step", "cycle"] = field(
+        default="step",
+        metadata={
+            "help": "'step': augment and truncate at every optimizer step (the paper). 'cycle': augment every "
+            "cycle_length + 1 steps and train only S in between (the authors' experiments)."
+        },
+    )
+    cycle_length: int = field(default=10, metadata={"help": "S-only steps between augmentations for 'cycle'."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
+    )
+    freeze_step: Optional[int] = field(
+        default=None, metadata={"help": "From this optimizer step on ranks are frozen (None: never)."}
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Written at save time: the active rank of each layer. Checked against the weights on load."},
+    )
+    rank_history: dict[str, list[list[int]]] = field(
+        default_factory=dict,
+        metadata={"help": "Written at save time: per layer, the [optimizer step, rank] pairs where its rank changed."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GEOLORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("r", "max_rank", "min_rank", "cycle_length"):
+            value = getattr(self, name)
+            _check_range(name, value, "an integer >= 1", _is_int(value) and value >= 1)
+        _check_range("warmup_steps", self.warmup_steps, "an integer >= 0", _is_int(self.warmup_steps) and self.warmup_steps >= 0)
+        _check_range(
+            "min_rank", self.min_rank, f"<= `max_rank` ({self.max_rank})", self.min_rank <= self.max_rank
+        )
+        _check_range(
+            "r", self.r, f"in [`min_rank`, `max_rank`] = [{self.min_rank}, {self.max_rank}]",
+            self.min_rank <= self.r <= self.max_rank,
+        )
+        _check_range("tau", self.tau, "a number in [0, 1)", isinstance(self.tau, (int, float)) and 0 <= self.tau < 1)
+        _check_range("abs_tol", self.abs_tol, "a number >= 0", isinstance(self.abs_tol, (int, float)) and self.abs_tol >= 0)
+        _check_range(
+            "lora_dropout", self.lora_dropout, "a number in [0, 1)",
+            isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
+        )
+        _check_range("lora_alpha", self.lora_alpha, "a number > 0", isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0)
+        _check_range("bias", self.bias, "one of 'none', 'all', 'geolora_only'", self.bias in ("none", "all", "geolora_only"))
+        _check_range("budget_unit", self.budget_unit, "one of 'rank', 'params'", self.budget_unit in ("rank", "params"))
+        _check_range("schedule", self.schedule, "one of 'step', 'cycle'", self.schedule in ("step", "cycle"))
+        if self.budget is not None:
+            _check_range("budget", self.budget, "None or an integer >= 1", _is_int(self.budget) and self.budget >= 1)
+        if self.freeze_step is not None:
+            _check_range(
+                "freeze_step", self.freeze_step, f"None or an integer > `warmup_steps` ({self.warmup_steps})",
+                _is_int(self.freeze_step) and self.freeze_step > self.warmup_steps,
+            )
+        if self.target_parameters is not None:
+            raise ValueError("`target_parameters` is not supported by GeoLoRA; use `target_modules` instead.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("`layers_pattern` only applies together with `layers_to_transform`; set both or neither.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")

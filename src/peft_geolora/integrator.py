@@ -1,0 +1,296 @@
+r"""GeoLoRA's integrator: the pure tensor math of one step (no ``nn.Module``, no PEFT).
+
+Notation, owned by this module and used throughout the package
+---------------------------------------------------------------
+An adapter on a frozen weight :math:`W_0` (``m = out_features``, ``n = in_features``) adds
+
+.. math::  \Delta W = s\, U S V^\top,
+
+* ``U`` (m × r) and ``V`` (n × r): orthonormal bases of the output and input side;
+* ``S`` (r × r): the coefficient matrix, diagonal right after a truncation;
+* ``r``: the active rank; ``s = lora_alpha / r_init``: a fixed scale;
+* ``K = U S`` (m × r) and ``L = V Sᵀ`` (n × r): the factors the projected gradient flow moves in parallel;
+* ``G = ∂loss/∂(U S Vᵀ)`` (m × n): the gradient with respect to the product (never formed);
+* ``tau``: the relative truncation tolerance of :func:`truncation_rank`.
+
+One GeoLoRA step (Schotthöfer et al., arXiv 2410.18720, Algorithm 1) with learning rate λ:
+
+1. gradients from one backward pass: ``G V`` (the K-gradient), ``Gᵀ U`` (the L-gradient), ``Uᵀ G V``
+   (the S-gradient); :class:`GeoLoraFunction` returns them directly, with no ``S⁻¹``;
+2. ``S⁺ = S − λ Uᵀ G V``, ``K⁺ = U S − λ G V``, ``L⁺ = V Sᵀ − λ Gᵀ U``;
+3. basis augmentation :func:`augment_basis`: ``Û = [U | Ũ]`` with ``Ũ ⊥ U`` spanning the new directions of
+   ``K⁺``, likewise ``V̂ = [V | Ṽ]``;
+4. the augmented coefficients :func:`assemble_coefficients`
+   ``Ŝ = [[S⁺, L⁺ᵀ Ṽ], [Ũᵀ K⁺, 0]]``, so that ``Û Ŝ V̂ᵀ = U S Vᵀ − λ P_T(G)`` (the step projected onto the
+   tangent space of the rank-r manifold at ``U S Vᵀ``);
+5. the small SVD ``Ŝ = P Σ Qᵀ`` and truncation to ``r₁`` values (:func:`truncation_rank`, or the pooled
+   :func:`global_budget_ranks`): ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← Σ[:r₁, :r₁]``.
+
+Who moves U, S and V: the user's optimizer
+------------------------------------------
+The layer exposes, through :class:`GeoLoraFunction`, the K-gradient ``G V`` as the gradient of ``U``, the
+L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. The user's optimizer
+steps all three as usual; the allocator then reads the optimizer's proposed changes ``ΔU = U⁺ − U``,
+``ΔV = V⁺ − V`` and the new ``S⁺`` and rewrites the factors in place with steps 3–5. With plain SGD,
+``ΔU = −λ G V`` and ``Ũᵀ ΔU = Ũᵀ K⁺`` (because ``Ũ ⊥ U``), so this *is* Algorithm 1; with Adam the
+proposed changes are preconditioned gradients and the same span argument holds. Why this way:
+
+* one optimizer, one learning-rate schedule, gradient clipping, the AMP loss scaler, DDP's gradient
+  all-reduce, accelerate and the ``Trainer`` all work unchanged: GeoLoRA adds no second learning rate;
+* only ``Ũᵀ ΔU`` and ``ΔVᵀ Ṽ`` enter the new factors, and both annihilate any component of ``ΔU`` in
+  ``span(U)``: weight decay on the bases (AdamW decays ``U`` along ``U``) cannot touch them, so the
+  orthonormal bases need no special parameter groups to stay orthonormal;
+* parameters are only ever written in place at fixed capacity, so DDP buckets and optimizer references
+  stay valid.
+
+All factorizations (QR, SVD) and every rank decision run in :func:`compute_dtype` (fp32, or fp64 for fp64
+inputs) whatever the model dtype. Every function is batched over leading ``...`` dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factorizations run in: ``float64`` stays ``float64``, anything else becomes ``float32``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sign_fixed_qr(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Reduced QR with a deterministic sign: ``A = Q R`` with ``diag(R) ≥ 0``.
+
+    Parameters
+    ----------
+    A : (..., m, k)
+
+    Returns
+    -------
+    Q : (..., m, min(m, k)), orthonormal columns
+    R : (..., min(m, k), k), upper triangular with a non-negative diagonal
+
+    Notes
+    -----
+    The columns of ``Q`` (and rows of ``R``) are multiplied by :math:`\operatorname{sign}(R_{ii})` with
+    ``sign(0)`` taken as ``+1``: a rank-deficient block keeps a valid orthonormal column instead of a zeroed one.
+    """
+    Q, R = torch.linalg.qr(A, mode="reduced")
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    signs = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))  # (..., min(m, k))
+    return Q * signs.unsqueeze(-2), R * signs.unsqueeze(-1)
+
+
+def augment_basis(U: torch.Tensor, dU: torch.Tensor, max_new: Optional[int] = None) -> torch.Tensor:
+    r"""New orthonormal directions ``Ũ ⊥ U`` such that ``span([U | Ũ]) ⊇ span(dU)``.
+
+    .. math::  [U \mid dU] = Q R, \qquad \tilde U = Q[:, r:]
+
+    The old columns are not recomputed: the augmented basis is ``Û = [U | Ũ]`` with ``U`` bit for bit.
+
+    Parameters
+    ----------
+    U : (..., m, r), orthonormal columns
+    dU : (..., m, k), the proposed change of ``U`` (``−λ G V`` for SGD)
+    max_new : keep at most this many new columns (the storage capacity left)
+
+    Returns
+    -------
+    Ũ : (..., m, p) with ``p = min(k, m − r, max_new)``, orthonormal and orthogonal to ``U``
+    """
+    r = U.shape[-1]
+    Q, _ = sign_fixed_qr(torch.cat([U, dU], dim=-1))  # (..., m, min(m, r + k))
+    U_tilde = Q[..., r:]
+    if max_new is not None:
+        U_tilde = U_tilde[..., :max_new]
+    return U_tilde
+
+
+def assemble_coefficients(
+    S_new: torch.Tensor,
+    U_tilde: torch.Tensor,
+    dU: torch.Tensor,
+    V_tilde: torch.Tensor,
+    dV: torch.Tensor,
+) -> torch.Tensor:
+    r"""The coefficient matrix of the augmented adapter, ``Û Ŝ V̂ᵀ``.
+
+    .. math::
+        \hat S = \begin{bmatrix} S^+ & \Delta V^\top \tilde V \\ \tilde U^\top \Delta U & 0 \end{bmatrix}
+
+    Because ``Ũ ⊥ U`` and ``Ṽ ⊥ V``, ``Ũᵀ ΔU = Ũᵀ K⁺`` and ``ΔVᵀ Ṽ = L⁺ᵀ Ṽ`` (Algorithm 1, step 5).
+
+    Parameters
+    ----------
+    S_new : (..., r, r), the stepped coefficients ``S⁺``
+    U_tilde : (..., m, p); dU : (..., m, r)
+    V_tilde : (..., n, q); dV : (..., n, r)
+
+    Returns
+    -------
+    Ŝ : (..., r + p, r + q)
+    """
+    top = torch.cat([S_new, dV.transpose(-2, -1) @ V_tilde], dim=-1)  # (..., r, r + q)
+    bottom_left = U_tilde.transpose(-2, -1) @ dU  # (..., p, r)
+    zeros = bottom_left.new_zeros(*bottom_left.shape[:-1], V_tilde.shape[-1])  # (..., p, q)
+    return torch.cat([top, torch.cat([bottom_left, zeros], dim=-1)], dim=-2)
+
+
+def small_svd(S_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``Ŝ = P diag(σ) Qᵀ`` in float64 (the matrix is at most 2·max_rank square, so this is cheap).
+
+    Parameters
+    ----------
+    S_hat : (..., a, b)
+
+    Returns
+    -------
+    P : (..., a, k), sigma : (..., k) descending, Q : (..., b, k), with ``k = min(a, b)``, in ``S_hat.dtype``
+    """
+    P, sigma, Qh = torch.linalg.svd(S_hat.to(torch.float64), full_matrices=False)
+    dtype = S_hat.dtype
+    return P.to(dtype), sigma.to(dtype), Qh.transpose(-2, -1).to(dtype)
+
+
+def truncation_rank(
+    sigma: torch.Tensor,
+    tau: float,
+    min_rank: int | torch.Tensor,
+    max_rank: int | torch.Tensor,
+    abs_tol: float = 0.0,
+) -> torch.Tensor:
+    r"""The smallest rank whose discarded tail is within the relative tolerance.
+
+    .. math::  r_1 = \min\{ k : \lVert \sigma_{k+1:} \rVert_2 \le \tau \lVert \sigma \rVert_2 \}
+
+    computed with a reversed cumulative sum (no loop over singular values); singular values at or below
+    ``abs_tol`` are discarded as well; the result is clamped to ``[min_rank, max_rank]`` and to ``k``.
+
+    Parameters
+    ----------
+    sigma : (..., k), non-negative, descending
+    tau : relative tolerance in [0, 1); 0 keeps every non-zero value
+    min_rank, max_rank : int or (...) integer tensors
+
+    Returns
+    -------
+    r₁ : (...) int64
+    """
+    squares = sigma.square()
+    tail = squares.flip(-1).cumsum(-1).flip(-1)  # (..., k): tail[j] = Σ_{i ≥ j} σ_i²
+    threshold = (tau * tau) * tail[..., :1]  # (..., 1): τ² ‖σ‖²
+    rank = (tail > threshold).sum(-1)  # tail is non-increasing: count = first index that passes
+    rank = torch.minimum(rank, (sigma > abs_tol).sum(-1))
+    k = sigma.shape[-1]
+    lo = torch.as_tensor(min_rank, device=sigma.device).clamp(max=k)
+    hi = torch.as_tensor(max_rank, device=sigma.device).clamp(max=k)
+    return torch.maximum(torch.minimum(rank, hi), lo).to(torch.int64)
+
+
+def global_budget_ranks(
+    sigmas: Sequence[torch.Tensor],
+    budget: int,
+    floors: Sequence[int],
+    caps: Sequence[int],
+    costs: Optional[Sequence[int]] = None,
+) -> list[int]:
+    r"""Ranks of several adapters under one budget on their pooled singular values.
+
+    Each adapter ℓ first keeps its floor ``f_ℓ = min(floors[ℓ], caps[ℓ], len(sigmas[ℓ]))`` values; the rest of
+    the budget goes to the largest pooled values (ties broken by adapter index, then position, so the
+    result is deterministic), no adapter exceeding ``caps[ℓ]``.
+
+    * ``costs is None``: the budget counts singular values, ``Σ_ℓ r_ℓ ≤ budget``; the kept set is exactly
+      the ``budget − Σ f_ℓ`` largest values after the floors.
+    * ``costs[ℓ] = m_ℓ + n_ℓ``: the budget counts trainable parameters ``Σ_ℓ r_ℓ (m_ℓ + n_ℓ + r_ℓ)``; the
+      j-th value (0-based) of adapter ℓ costs ``m_ℓ + n_ℓ + 2 j + 1``, and the longest prefix of the
+      descending order that fits is kept.
+
+    The floors are kept even when they alone exceed the budget.
+
+    Parameters
+    ----------
+    sigmas : L tensors of shape (k_ℓ,), each descending
+    budget : singular values, or parameters when ``costs`` is given
+    floors, caps : L ints
+    costs : L ints, or None
+
+    Returns
+    -------
+    L ranks (Python ints)
+    """
+    lengths = torch.tensor([s.shape[-1] for s in sigmas], dtype=torch.int64)
+    values = torch.cat([s.detach().to("cpu", torch.float64) for s in sigmas])  # (Σ k_ℓ,)
+    layer = torch.repeat_interleave(torch.arange(len(sigmas)), lengths)  # (Σ k_ℓ,)
+    pos = torch.arange(values.numel()) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    caps_t = torch.minimum(torch.tensor(list(caps), dtype=torch.int64), lengths)
+    floors_t = torch.minimum(torch.tensor(list(floors), dtype=torch.int64), caps_t)
+
+    eligible = (pos >= floors_t[layer]) & (pos < caps_t[layer])
+    candidates = torch.nonzero(eligible).squeeze(-1)  # already ordered by (layer, pos)
+    order = candidates[torch.argsort(-values[candidates], stable=True)]  # descending, ties by (layer, pos)
+
+    if costs is None:
+        n_keep = max(int(budget) - int(floors_t.sum()), 0)
+    else:
+        cost_t = torch.tensor(list(costs), dtype=torch.int64)
+        spent = int((floors_t * (cost_t + floors_t)).sum())
+        unit_cost = cost_t[layer[order]] + 2 * pos[order] + 1  # marginal cost of each candidate
+        n_keep = int((unit_cost.cumsum(0) <= int(budget) - spent).sum())
+    extra = torch.bincount(layer[order[:n_keep]], minlength=len(sigmas))
+    return (floors_t + extra).tolist()
+
+
+def rotate_factors(
+    U_hat: torch.Tensor, V_hat: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U ← Û P``, ``V ← V̂ Q``: the bases of the truncated adapter (before slicing to the new rank).
+
+    Shapes: U_hat (..., m, a), P (..., a, k) → (..., m, k); V_hat (..., n, b), Q (..., b, k) → (..., n, k).
+    """
+    return U_hat @ P, V_hat @ Q
+
+
+class GeoLoraFunction(torch.autograd.Function):
+    r"""``y = s · x V Sᵀ Uᵀ`` whose backward hands the optimizer the integrator's gradients.
+
+    Forward: x (..., n), U (m, r), S (r, r), V (n, r) → y (..., m).
+
+    Backward, with δ = ∂loss/∂y and ``G = s Σ δ xᵀ``:
+
+    * grad of x: ``s · δ U S Vᵀ`` (the true gradient);
+    * grad of U: ``G V = s Σ δ (Vᵀ x)ᵀ`` (the K-gradient, not autograd's ``G V Sᵀ``);
+    * grad of V: ``Gᵀ U = s Σ x (Uᵀ δ)ᵀ`` (the L-gradient, not ``Gᵀ U S``);
+    * grad of S: ``Uᵀ G V`` (the S-gradient).
+
+    The cost is LoRA's (products with ``x V`` and ``δ U`` only), and no ``S⁻¹`` appears anywhere. Autocast is
+    disabled inside: the adapter runs in the dtype of its inputs (the layer casts ``x`` to the adapter dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xv = x @ V  # (..., r)
+            y = (xv @ S.transpose(0, 1)) @ U.transpose(0, 1)  # (..., m)
+        ctx.save_for_backward(x, U, S, V, xv)
+        ctx.scale = scale
+        return y * scale
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, U, S, V, xv = ctx.saved_tensors
+        s = ctx.scale
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            dy = dy.to(U.dtype)
+            du = dy @ U  # (..., r): Uᵀ δ per sample
+            grad_x = ((du @ S) @ V.transpose(0, 1)) * s if ctx.needs_input_grad[0] else None  # (..., n)
+            X = x.reshape(-1, x.shape[-1])  # (B, n)
+            XV = xv.reshape(-1, xv.shape[-1])  # (B, r)
+            D = dy.reshape(-1, dy.shape[-1])  # (B, m)
+            DU = du.reshape(-1, du.shape[-1])  # (B, r)
+            grad_U = (D.transpose(0, 1) @ XV) * s  # (m, r) = G V
+            grad_V = (X.transpose(0, 1) @ DU) * s  # (n, r) = Gᵀ U
+            grad_S = (DU.transpose(0, 1) @ XV) * s  # (r, r) = Uᵀ G V
+        return grad_x, grad_U, grad_S, grad_V, None

@@ -1,0 +1,165 @@
+"""``GeoLoraModel``: the PEFT tuner (injection, trimmed save, padded and checked load)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import GeoLoraConfig
+from .layer import SUPPORTED_LAYER_TYPES, GeoLoraLayer, Linear, unsupported_layer_message
+from .registry import PREFIX
+
+_FACTOR_KEY = re.compile(r"^(?P<module>.*)\.geolora_(?P<factor>[USV])(?P<suffix>(\.[^.]+)?)$")
+_PEFT_PREFIX = "base_model.model."
+
+
+class GeoLoraModel(BaseTuner):
+    """Creates a GeoLoRA model from a pretrained model (Schotthöfer et al., arXiv 2410.18720).
+
+    Usually reached through ``peft.get_peft_model(model, GeoLoraConfig(...))``. Ranks change only through
+    :class:`~peft_geolora.RankAllocator`; ``update_and_allocate(global_step)`` steps the allocator attached to
+    this model, for AdaLoRA-style training loops.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GeoLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        peft_config: GeoLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        kwargs = {
+            "r": peft_config.r,
+            "max_rank": peft_config.max_rank,
+            "lora_alpha": peft_config.lora_alpha,
+            "lora_dropout": peft_config.lora_dropout,
+            "init_weights": peft_config.init_weights,
+        }
+        if isinstance(target, GeoLoraLayer):
+            target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, SUPPORTED_LAYER_TYPES):
+            raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
+        new_module = Linear(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def update_and_allocate(self, global_step: Optional[int] = None) -> None:
+        """Step the :class:`~peft_geolora.RankAllocator` attached to this model (AdaLoRA's name for it).
+
+        ``global_step`` is accepted for AdaLoRA compatibility; the allocator counts its own steps.
+        """
+        allocator = self.__dict__.get("_geolora_allocator")
+        if allocator is None:
+            raise RuntimeError(
+                "No GeoLoRA rank allocator is attached to this model. Create one after the optimizer:\n"
+                "    allocator = peft_geolora.RankAllocator(model, optimizer)\n"
+                "then call `allocator.step()` (or `model.base_model.update_and_allocate(step)`) after every "
+                "`optimizer.step()`."
+            )
+        allocator.step()
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: GeoLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Select the adapter's tensors trimmed to their active ranks; record the ranks in ``config``."""
+        selected = super()._get_adapter_state_dict(
+            model=model,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        rank_pattern: dict[str, int] = {}
+        for key in list(selected):
+            match = _FACTOR_KEY.match(key)
+            if match is None:
+                continue
+            rank_key = f"{match['module']}.geolora_rank{match['suffix']}"
+            rank = int(selected[rank_key])
+            tensor = selected[key]
+            selected[key] = tensor[:rank, :rank] if match["factor"] == "S" else tensor[:, :rank]
+            rank_pattern[match["module"].removeprefix(_PEFT_PREFIX)] = rank
+        config.rank_pattern = dict(sorted(rank_pattern.items()))
+        config.rank_history = {
+            name.removeprefix(_PEFT_PREFIX): [list(event) for event in module.rank_history.get(adapter_name, [])]
+            for name, module in model.named_modules()
+            if isinstance(module, GeoLoraLayer) and module.rank_history.get(adapter_name)
+        }
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: GeoLoraConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model, check trimmed factors against their ranks, pad to capacity."""
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        live_shapes = {k: v.shape for k, v in model.state_dict().items() if f".{PREFIX}" in k}
+        for key in list(remapped):
+            match = _FACTOR_KEY.match(key)
+            if match is None or key not in live_shapes:
+                continue
+            module, factor = match["module"], match["factor"]
+            rank_key = f"{module}.geolora_rank{match['suffix']}"
+            if rank_key not in remapped:
+                raise ValueError(
+                    f"The GeoLoRA checkpoint has `{key}` but no active rank (`geolora_rank`) for that layer; it is "
+                    "incomplete or was not written by peft_geolora. Save the adapter again with `save_pretrained`."
+                )
+            rank = int(remapped[rank_key])
+            remapped[key] = _pad_factor(key, factor, remapped[key], rank, live_shapes[key])
+            recorded = (config.rank_pattern or {}).get(module.removeprefix(_PEFT_PREFIX))
+            if recorded is not None and recorded != rank:
+                raise ValueError(
+                    f"`adapter_config.json` records rank {recorded} for `{module.removeprefix(_PEFT_PREFIX)}` but the "
+                    f"weights file holds rank {rank}: the config and the weights come from different saves. Save "
+                    "the adapter again, or restore both files from the same save."
+                )
+        return remapped
+
+
+def _pad_factor(key: str, factor: str, tensor: torch.Tensor, rank: int, live_shape: torch.Size) -> torch.Tensor:
+    """Zero-pad a trimmed factor (U: m × r, V: n × r, S: r × r) to the live capacity shape, after checking it."""
+    if factor == "S":
+        expected = (rank, rank)
+    else:
+        expected = (live_shape[0], rank)
+    capacity = live_shape[1]
+    if tuple(tensor.shape) != expected or rank > capacity or rank < 0:
+        raise ValueError(
+            f"GeoLoRA checkpoint tensor `{key}` has shape {tuple(tensor.shape)}, but its recorded rank {rank} and the "
+            f"base model's layer (capacity {tuple(live_shape)}) require {expected}. The adapter was saved for a "
+            "different base model or configuration, or the file is damaged."
+        )
+    padded = tensor.new_zeros(live_shape)
+    if factor == "S":
+        padded[:rank, :rank] = tensor
+    else:
+        padded[:, :rank] = tensor
+    return padded
