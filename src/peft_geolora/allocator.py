@@ -180,6 +180,8 @@ class RankAllocator:
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
         self._warned: set[str] = set()
         self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
+        for a in self.adapters:
+            a.layer.integrated[a.adapter] = True
         base_model = getattr(peft_model, "base_model", peft_model)
         base_model.__dict__["_geolora_allocator"] = self
 
@@ -474,5 +476,7 @@ class RankAllocator:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]
 
     def remove(self) -> None:
-        """Detach from the optimizer (removes the pre-step hook)."""
+        """Detach from the optimizer and the layers (they go back to plain gradients)."""
         self._hook.remove()
+        for a in self.adapters:
+            a.layer.integrated[a.adapter] = False

@@ -258,24 +258,31 @@ class GeoLoraFunction(torch.autograd.Function):
 
     Forward: x (..., n), U (m, r), S (r, r), V (n, r) → y (..., m).
 
-    Backward, with δ = ∂loss/∂y and ``G = s Σ δ xᵀ``:
+    Backward, with δ = ∂loss/∂y and ``G = s Σ δ xᵀ``, when ``integrated`` is True (a rank allocator consumes
+    the optimizer's moves):
 
     * grad of x: ``s · δ U S Vᵀ`` (the true gradient);
     * grad of U: ``G V = s Σ δ (Vᵀ x)ᵀ`` (the K-gradient, not autograd's ``G V Sᵀ``);
     * grad of V: ``Gᵀ U = s Σ x (Uᵀ δ)ᵀ`` (the L-gradient, not ``Gᵀ U S``);
     * grad of S: ``Uᵀ G V`` (the S-gradient).
 
+    When ``integrated`` is False (no allocator: a fixed-rank adapter trained by plain gradient descent) the
+    Euclidean gradients ``G V Sᵀ`` and ``Gᵀ U S`` are returned instead, one r × r product more.
+
     The cost is LoRA's (products with ``x V`` and ``δ U`` only), and no ``S⁻¹`` appears anywhere. Autocast is
     disabled inside: the adapter runs in the dtype of its inputs (the layer casts ``x`` to the adapter dtype).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float):
+    def forward(
+        ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float, integrated: bool
+    ):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xv = x @ V  # (..., r)
             y = (xv @ S.transpose(0, 1)) @ U.transpose(0, 1)  # (..., m)
         ctx.save_for_backward(x, U, S, V, xv)
         ctx.scale = scale
+        ctx.integrated = integrated
         return y * scale
 
     @staticmethod
@@ -293,4 +300,7 @@ class GeoLoraFunction(torch.autograd.Function):
             grad_U = (D.transpose(0, 1) @ XV) * s  # (m, r) = G V
             grad_V = (X.transpose(0, 1) @ DU) * s  # (n, r) = Gᵀ U
             grad_S = (DU.transpose(0, 1) @ XV) * s  # (r, r) = Uᵀ G V
-        return grad_x, grad_U, grad_S, grad_V, None
+            if not ctx.integrated:
+                grad_U = grad_U @ S.transpose(0, 1)  # (m, r) = G V Sᵀ
+                grad_V = grad_V @ S  # (n, r) = Gᵀ U S
+        return grad_x, grad_U, grad_S, grad_V, None, None

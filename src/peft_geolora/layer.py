@@ -45,6 +45,7 @@ class GeoLoraLayer(BaseTunerLayer):
         "rank_history",
         "_seen_version",
         "_unallocated_steps",
+        "integrated",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -58,6 +59,9 @@ class GeoLoraLayer(BaseTunerLayer):
         self.capacity: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.rank_history: dict[str, list[tuple[int, int]]] = {}  # (optimizer step, new rank) at each change
+        # True while a RankAllocator drives the adapter: the backward then exposes the K/L-gradients
+        # (GeoLoraFunction); otherwise the adapter is a fixed-rank U S Vᵀ trained by plain gradients.
+        self.integrated: dict[str, bool] = {}
         self._seen_version: dict[str, int] = {}
         self._unallocated_steps: dict[str, int] = {}
         self._disable_adapters = False
@@ -260,7 +264,7 @@ class Linear(nn.Module, GeoLoraLayer):
                 self._check_allocator_runs(name)
             U, S, V = self.active_factors(name)
             x_in = self.geolora_dropout[name](self._cast_input_dtype(x, U.dtype))
-            result = result + GeoLoraFunction.apply(x_in, U, S, V, self.scaling[name]).to(result_dtype)
+            result = result + GeoLoraFunction.apply(x_in, U, S, V, self.scaling[name], self.integrated.get(name, False)).to(result_dtype)
         return result.to(result_dtype)
 
     def __repr__(self) -> str:
