@@ -42,6 +42,9 @@ from .layer import GeoLoraLayer
 
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+# Every this many truncations the augmented bases are re-orthonormalised (QR, folded into S) to remove the
+# rounding drift that repeated rotations accumulate (about 1e-8 per rotation in fp32).
+REORTHONORMALIZE_EVERY = 25
 ALLOCATOR_OPTIONS = (
     "tau",
     "abs_tol",
@@ -174,6 +177,7 @@ class RankAllocator:
         self._check_optimizer_covers_factors()
 
         self.num_steps = 0
+        self._num_truncations = 0
         self._snapshot: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
         self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
         self._pending = False
@@ -321,6 +325,9 @@ class RankAllocator:
 
     def _truncate(self, pending: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """SVD of each group's coefficients, the rank rule, and the rewrite of every adapter."""
+        self._num_truncations += 1
+        if self._num_truncations % REORTHONORMALIZE_EVERY == 0:
+            pending = [(members, *integrator.reorthonormalize(U, S, V)) for members, U, S, V in pending]
         spectra = []
         for members, U_hat, S_hat, V_hat in pending:
             P, sigma, Q = integrator.small_svd(S_hat)

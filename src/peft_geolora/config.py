@@ -27,11 +27,13 @@ class GeoLoraConfig(PeftConfig):
     :class:`~peft_geolora.RankAllocator` adapts after every optimizer step, either per layer (relative
     tolerance ``tau``) or under one global ``budget``.
 
-    Rank schedule, a worked example: with ``warmup_steps=100``, ``freeze_step=900``, ``schedule="step"`` the
-    allocator rotates the bases at every optimizer step; ranks stay at ``r`` for steps 1–100, adapt at every
-    step from 101 to 900, and stay at their step-900 values afterwards (the bases keep rotating). With
-    ``schedule="cycle"`` and ``cycle_length=10`` the bases are augmented at steps 11, 22, 33, … (every
-    ``cycle_length + 1`` steps), only ``S`` trains in between, and each augmentation is truncated at once.
+    Rank schedule, a worked example: with ``schedule="cycle"``, ``cycle_length=3`` (the default) the optimizer
+    steps form cycles of 4: at steps 1, 5, 9, … the bases are augmented with the optimizer's new directions
+    (the rank doubles, up to the capacity), at the other steps only ``S`` trains, and at steps 4, 8, 12, … the
+    augmented adapter is truncated by its SVD. With ``schedule="step"`` (the paper's Algorithm 1) every step
+    augments and truncates. With ``warmup_steps=100`` and ``freeze_step=900`` the bases still rotate at every
+    truncation, but the ranks stay at ``r`` up to step 100, adapt from 101 to 900, and keep their step-900
+    values afterwards.
     """
 
     r: int = field(default=8, metadata={"help": "Initial rank of every adapter (clamped to min(in, out) per layer)."})
@@ -102,13 +104,16 @@ class GeoLoraConfig(PeftConfig):
         default="rank", metadata={"help": "What `budget` counts: 'rank' (singular values) or 'params'."}
     )
     schedule: Literal["step", "cycle"] = field(
-        default="step",
+        default="cycle",
         metadata={
-            "help": "'step': augment and truncate at every optimizer step (the paper). 'cycle': augment every "
-            "cycle_length + 1 steps and train only S in between (the authors' experiments)."
+            "help": "'step': augment and truncate at every optimizer step (the paper). 'cycle': augment at the first "
+            "step of every cycle of cycle_length + 1 steps, train only S, truncate at its last step (the authors' "
+            "experiments)."
         },
     )
-    cycle_length: int = field(default=10, metadata={"help": "S-only steps between augmentations for 'cycle'."})
+    # Provisional default: the every-step schedule truncates new directions before they can grow and can
+    # stall below the needed rank (tests/test_rank_recovery.py); a short cycle recovers it.
+    cycle_length: int = field(default=3, metadata={"help": "S-only steps between augmentations for 'cycle'."})
     warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
     )

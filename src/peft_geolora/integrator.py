@@ -243,6 +243,26 @@ def global_budget_ranks(
     return (floors_t + extra).tolist()
 
 
+def reorthonormalize(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Remove rounding drift from the bases without changing the product ``U S Vᵀ``.
+
+    .. math::  U = Q_U R_U,\quad V = Q_V R_V \;\Rightarrow\; U S V^\top = Q_U (R_U S R_V^\top) Q_V^\top
+
+    Parameters
+    ----------
+    U : (..., m, a); S : (..., a, b); V : (..., n, b), with ``a ≤ m``, ``b ≤ n``
+
+    Returns
+    -------
+    Q_U (..., m, a), ``R_U S R_Vᵀ`` (..., a, b), Q_V (..., n, b)
+    """
+    Q_U, R_U = sign_fixed_qr(U)
+    Q_V, R_V = sign_fixed_qr(V)
+    return Q_U, R_U @ S @ R_V.transpose(-2, -1), Q_V
+
+
 def rotate_factors(
     U_hat: torch.Tensor, V_hat: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
