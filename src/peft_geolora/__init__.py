@@ -28,8 +28,10 @@ from .config import GeoLoraConfig  # noqa: E402
 from .layer import GeoLoraLayer, Linear  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
+from .transformers_loading import install as install_transformers_loading  # noqa: E402
 
 register(GeoLoraConfig, GeoLoraModel)
+install_transformers_loading()
 
 __version__ = "0.1.0"
 __all__ = [
