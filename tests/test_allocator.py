@@ -1,0 +1,236 @@
+"""RankAllocator: budgets, schedules, skipped and non-finite steps, optimizer state, weight decay."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from peft_geolora import GeoLoraConfig, RankAllocator
+
+from .helpers import orthonormality_error
+
+
+class TwoDense(nn.Module):
+    """Two bias-free zero Linear layers: the adapters alone are the matrices being fitted."""
+
+    def __init__(self, n: int = 24, m: int = 32) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(n, m, bias=False), nn.Linear(n, m, bias=False)
+        nn.init.zeros_(self.a.weight)
+        nn.init.zeros_(self.b.weight)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def _low_rank(m: int, n: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
+    Q = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+    return P @ torch.diag(torch.linspace(3.0, 1.0, rank)) @ Q.T
+
+
+def _fit(model, targets, allocator, optimizer, steps: int, after_step=None) -> None:
+    eye = torch.eye(24)
+    for _ in range(steps):
+        ya, yb = model(eye)
+        loss = 0.5 * ((ya - targets[0].T).square().sum() + (yb - targets[1].T).square().sum())
+        loss.backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        if after_step is not None:
+            after_step()
+
+
+def _two_layer_model(**config):
+    config.setdefault("r", 4)
+    config.setdefault("lora_alpha", config["r"])
+    torch.manual_seed(0)
+    return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], max_rank=8, **config))
+
+
+@pytest.mark.parametrize("schedule", ["step", "cycle"])
+def test_global_budget_matches_known_needs(schedule: str) -> None:
+    """Targets of rank 6 and 2 under a budget of 8 singular values: the allocation matches the needs."""
+    model = _two_layer_model(budget=8, schedule=schedule, cycle_length=1)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = RankAllocator(model, optimizer)
+    totals = []
+
+    def record() -> None:
+        if schedule == "step" or allocator.num_steps % 2 == 0:  # right after a truncation
+            totals.append(allocator.total_rank())
+
+    _fit(model, targets, allocator, optimizer, steps=200, after_step=record)
+    assert set(totals) == {8}
+    assert allocator.ranks() == {"base_model.model.a": 6, "base_model.model.b": 2}
+
+
+def test_parameter_budget_is_respected() -> None:
+    model = _two_layer_model(budget=300, budget_unit="params", schedule="step")
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=30)
+    assert allocator.num_adapter_parameters() <= 300
+    assert allocator.num_adapter_parameters() > 300 - (32 + 24 + 2 * 8 + 1)  # no room for one more value
+
+
+def test_min_rank_floors_can_exceed_the_budget() -> None:
+    model = _two_layer_model(budget=2, min_rank=3, r=3, schedule="step")
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=5)
+    assert allocator.ranks() == {"base_model.model.a": 3, "base_model.model.b": 3}
+
+
+def test_warmup_and_freeze_fix_the_ranks() -> None:
+    model = _two_layer_model(schedule="step", warmup_steps=5, freeze_step=12, tau=0.01)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = RankAllocator(model, optimizer)
+    seen = []
+    _fit(model, targets, allocator, optimizer, steps=25, after_step=lambda: seen.append(allocator.total_rank()))
+    assert seen[:5] == [8] * 5  # warm-up: initial ranks 4 + 4
+    assert seen[12:] == [seen[11]] * len(seen[12:])  # frozen from step 12 on
+    assert len(set(seen[5:12])) > 1 or seen[5] != 8  # ranks moved in between
+    history = allocator.rank_history()
+    assert all(step > 5 and step <= 12 for events in history.values() for step, _ in events)
+
+
+def test_non_finite_step_is_undone_bit_for_bit() -> None:
+    model = _two_layer_model(schedule="step")
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=3)
+    before = [p.detach().clone() for p in params]
+    state_before = {i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)}
+    ranks_before = allocator.ranks()
+
+    eye = torch.eye(24)
+    ya, yb = model(eye)
+    (ya.sum() + yb.sum()).backward()
+    params[0].grad[0, 0] = float("nan")
+    optimizer.step()
+    with pytest.warns(UserWarning, match="non-finite"):
+        allocator.step()
+    optimizer.zero_grad()
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+    for i, p in enumerate(params):
+        assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state_before[i].items())
+    assert allocator.ranks() == ranks_before
+    _fit(model, targets, allocator, optimizer, steps=3)  # the run continues
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_step_skipped_by_the_grad_scaler_is_skipped() -> None:
+    model = _two_layer_model(schedule="step")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    allocator = RankAllocator(model, optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    eye = torch.eye(24)
+    ya, yb = model(eye)
+    scaler.scale(ya.sum() + yb.sum()).backward()
+    params[0].grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in params]
+    scaler.step(optimizer)  # sees the inf and skips optimizer.step()
+    scaler.update()
+    allocator.step()
+    assert allocator.num_steps == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_missing_allocator_warns_once_with_the_fix() -> None:
+    import peft_geolora.layer as layer_module
+
+    layer_module._warned_missing_allocator = False
+    model = _two_layer_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    eye = torch.eye(24)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            ya, yb = model(eye)
+            (ya.sum() + yb.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    messages = [str(w.message) for w in caught if "rank-allocator" in str(w.message)]
+    assert len(messages) == 1
+    assert "RankAllocator(model, optimizer)" in messages[0] and "allocator.step()" in messages[0]
+
+
+def test_weight_decay_on_the_bases_keeps_them_orthonormal() -> None:
+    """The Trainer's AdamW decays U and V too: only the part of the move orthogonal to the bases counts."""
+    model = _two_layer_model(schedule="step")
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=50)
+    for name, module in model.named_modules():
+        if hasattr(module, "geolora_U"):
+            U, _, V = module.active_factors("default")
+            assert orthonormality_error(U.detach()) < 1e-5 and orthonormality_error(V.detach()) < 1e-5
+
+
+def test_optimizer_state_follows_the_rotation() -> None:
+    """Momentum of S, seen as the matrix U m_S Vᵀ, is carried into the new bases (projected onto them)."""
+    model = _two_layer_model(schedule="step", tau=0.0)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=3)
+    layer = model.base_model.model.a
+    U, S, V = layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"]
+
+    eye = torch.eye(24)
+    ya, yb = model(eye)
+    (0.5 * ((ya - targets[0].T).square().sum() + (yb - targets[1].T).square().sum())).backward()
+    U0, V0 = U.detach().clone(), V.detach().clone()
+    optimizer.step()
+    momentum_before = U0 @ optimizer.state[S]["momentum_buffer"] @ V0.T  # (m, n) in the old bases
+    allocator.step()
+    optimizer.zero_grad()
+    r = layer.rank["default"]
+    U1, V1 = U[:, :r].detach(), V[:, :r].detach()
+    momentum_after = U @ optimizer.state[S]["momentum_buffer"] @ V.T
+    expected = U1 @ U1.T @ momentum_before @ V1 @ V1.T
+    torch.testing.assert_close(momentum_after.detach(), expected, atol=1e-5, rtol=1e-4)
+    for key in ("momentum_buffer",):
+        for p in (U, S, V):
+            state = optimizer.state[p][key]
+            assert state[..., r:].abs().max() == 0  # inactive capacity stays zero in the state too
+
+
+def test_bad_optimizer_and_model_are_refused() -> None:
+    model = _two_layer_model()
+    with pytest.raises(ValueError, match="does not update the GeoLoRA factors"):
+        RankAllocator(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    with pytest.raises(TypeError, match="PeftModel"):
+        RankAllocator(nn.Linear(2, 2), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
+    with pytest.raises(TypeError, match="Unknown RankAllocator option"):
+        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1), tua=0.1)
+    with pytest.raises(ValueError, match="`tau` must be"):
+        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1), tau=1.5)
+
+
+def test_update_and_allocate_steps_the_attached_allocator() -> None:
+    model = _two_layer_model()
+    with pytest.raises(RuntimeError, match="No GeoLoRA rank allocator"):
+        model.base_model.update_and_allocate(0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    allocator = RankAllocator(model, optimizer)
+    ya, yb = model(torch.eye(24))
+    (ya.sum() + yb.sum()).backward()
+    optimizer.step()
+    model.base_model.update_and_allocate(0)
+    assert allocator.num_steps == 1
