@@ -1,0 +1,130 @@
+"""The allocator where users meet it: the transformers Trainer, accelerate checkpoints, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import get_peft_model, get_peft_model_state_dict
+from transformers import Trainer, TrainingArguments
+
+from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
+
+from .tiny_models import VOCAB, build, inputs
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(seed: int = 0):
+    model, targets = build("bert", seed=seed)
+    config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step")
+    return get_peft_model(model, config)
+
+
+def _dataset(n: int = 64) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (n, 10), generator=g)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * n, "labels": (ids[:, 0] > VOCAB // 2).long().tolist()}
+    )
+
+
+def _trainer(output_dir: Path, max_steps: int) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
+        lr_scheduler_type="constant", logging_steps=2, save_strategy="steps", save_steps=6, report_to=[],
+        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    return Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=[GeoLoraCallback()])
+
+
+def _adapter(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a), "ranks differ"
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path) -> None:
+    full = _trainer(tmp_path / "full", max_steps=12)
+    full.train()
+    callback = next(cb for cb in full.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
+    assert callback.allocator.num_steps == 12
+    assert any(events for events in callback.allocator.rank_history().values()), "ranks never changed"
+    logged = [row for row in full.state.log_history if "geolora_total_rank" in row]
+    assert logged and all("geolora_adapter_params" in row for row in logged)
+    assert len({row["geolora_total_rank"] for row in logged}) > 1 or logged[0]["geolora_total_rank"] != 4 * 13
+
+    resumed = _trainer(tmp_path / "full", max_steps=12)  # same output dir: resume from checkpoint-6
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert _max_diff(_adapter(full.model), _adapter(resumed.model)) <= 1e-6
+    resumed_callback = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
+    assert resumed_callback.allocator.rank_history() == callback.allocator.rank_history()
+
+
+def _accelerate_run(steps: int, state_dir: Path, save_at: int | None = None, load: bool = False):
+    accelerator = Accelerator(cpu=True)
+    model = _model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    allocator = RankAllocator(model, optimizer)
+    accelerator.register_for_checkpointing(allocator)
+    if load:
+        accelerator.load_state(str(state_dir))
+    model.train()
+    for step in range(allocator.num_steps, steps):
+        loss = model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        if save_at == step + 1:
+            accelerator.save_state(str(state_dir))
+    return accelerator.unwrap_model(model), allocator
+
+
+def test_accelerate_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
+    full, full_allocator = _accelerate_run(10, tmp_path / "state", save_at=5)
+    resumed, allocator = _accelerate_run(10, tmp_path / "state", load=True)
+    assert allocator.num_steps == 10
+    assert allocator.ranks() == full_allocator.ranks()
+    assert _max_diff(_adapter(full), _adapter(resumed)) <= 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_agree_bit_for_bit(tmp_path: Path) -> None:
+    """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU), different data per process, GA 2."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "tests.distributed_child", str(out),
+    ]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["num_processes"] == 2
+    assert result["distributed_type"] == "MULTI_CPU"
+    assert len(set(result["state_hashes"])) == 1, result
+    assert len({json.dumps(r, sort_keys=True) for r in result["ranks"]}) == 1
+    assert result["ranks_changed"]
+    assert result["optimizer_steps"] == 40
