@@ -28,8 +28,20 @@ def ensure_peft_tests() -> Path:
         return ROOT
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", f"peft=={peft_version}", "--no-binary", ":all:",
-             "--no-deps", "--no-build-isolation", "-d", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                f"peft=={peft_version}",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--no-build-isolation",
+                "-d",
+                tmp,
+            ],
             check=True,
         )
         sdist = next(Path(tmp).glob("peft-*.tar.gz"))
@@ -39,6 +51,8 @@ def ensure_peft_tests() -> Path:
             for name in (*(f"tests/{f}" for f in FILES), "LICENSE"):
                 member = tar.extractfile(f"{top}/{name}")
                 (package / Path(name).name).write_bytes(member.read())
-    (package / "__init__.py").write_text('"""PEFT\'s generic tests, unpacked from the PEFT sdist (Apache-2.0, see LICENSE)."""\n')
+    (package / "__init__.py").write_text(
+        '"""PEFT\'s generic tests, unpacked from the PEFT sdist (Apache-2.0, see LICENSE)."""\n'
+    )
     stamp.write_text(peft_version)
     return ROOT

@@ -18,7 +18,7 @@ from .peft_suite import ensure_peft_tests
 
 
 sys.path.insert(0, str(ensure_peft_tests()))
-from peft_tests import test_custom_models as _tcm  # noqa: E402
+from peft_tests import test_custom_models as _tcm
 
 
 GEO_CASES = [

@@ -7,6 +7,8 @@ rank 1 and from rank 16; a plain LoRA ``B A`` of rank 1 cannot represent the tar
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -60,7 +62,7 @@ def _run_lora(r: int, lr: float) -> float:
         optimizer.zero_grad()
     W = model.base_model.model.lin.get_delta_weight("default").detach()
     error = (torch.linalg.norm(W - A) / torch.linalg.norm(A)).item()
-    return error if error == error else float("inf")  # NaN: diverged
+    return error if math.isfinite(error) else float("inf")  # NaN: diverged
 
 
 def _best_lora(r: int) -> float:
@@ -80,7 +82,9 @@ def test_geolora_recovers_rank_five(r0: int) -> None:
 def test_geolora_from_rank_one_beats_lora_rank_one_tenfold() -> None:
     geo_error, _, _ = _run_geolora(1)
     lora_1, lora_16 = _best_lora(1), _best_lora(16)
-    print(f"relative error after {STEPS} SGD steps: GeoLoRA r0=1 {geo_error:.2e}, LoRA r=1 {lora_1:.2e}, LoRA r=16 {lora_16:.2e}")
+    print(
+        f"relative error after {STEPS} SGD steps: GeoLoRA r0=1 {geo_error:.2e}, LoRA r=1 {lora_1:.2e}, LoRA r=16 {lora_16:.2e}"
+    )
     assert geo_error * 10 <= lora_1
 
 

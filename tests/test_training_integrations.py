@@ -34,15 +34,30 @@ def _dataset(n: int = 64) -> Dataset:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, VOCAB, (n, 10), generator=g)
     return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * n, "labels": (ids[:, 0] > VOCAB // 2).long().tolist()}
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": [[1] * 10] * n,
+            "labels": (ids[:, 0] > VOCAB // 2).long().tolist(),
+        }
     )
 
 
 def _trainer(output_dir: Path, max_steps: int) -> Trainer:
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
-        lr_scheduler_type="constant", logging_steps=2, save_strategy="steps", save_steps=6, report_to=[],
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=6,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     return Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=[GeoLoraCallback()])
 
@@ -115,9 +130,23 @@ def test_two_processes_agree_bit_for_bit(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "tests.distributed_child", str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "tests.distributed_child",
+        str(out),
     ]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-4000:]

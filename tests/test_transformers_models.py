@@ -74,7 +74,11 @@ def test_save_fresh_process_load_is_exact(kind: str, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-m", "tests.roundtrip_child", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     diffs = json.loads(out.stdout.strip().splitlines()[-1])

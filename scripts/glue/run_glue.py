@@ -105,7 +105,9 @@ def build_peft_config(config: dict[str, Any], total_steps: int):
 
 def count_lora_parameters(model: torch.nn.Module, r: int) -> int:
     """Trainable adapter parameters a LoRA of rank r would have on the same layers: Σ r (m + n)."""
-    return sum(r * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, peft_geolora.GeoLoraLayer))
+    return sum(
+        r * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, peft_geolora.GeoLoraLayer)
+    )
 
 
 def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model_path = resolve_model_path(config["model_name_or_path"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    raw = load_task(config["task"], config.get("train_file"), config.get("validation_file"),
-                    config.get("validation_size", 2000))
+    raw = load_task(
+        config["task"], config.get("train_file"), config.get("validation_file"), config.get("validation_size", 2000)
+    )
     key1, key2 = task.keys
 
     def tokenize(rows):
@@ -217,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params_start = adapter_parameter_count(model, method)
     lora8_params = count_lora_parameters(model, 8) if method == "geolora" else None
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), weight_decay=config.get("weight_decay", 0.0)
+        [p for p in model.parameters() if p.requires_grad],
+        lr=float(config["lr"]),
+        weight_decay=config.get("weight_decay", 0.0),
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer, train_loader, scheduler, *eval_list = accelerator.prepare(
@@ -268,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "metrics": metrics,
         "trainable_adapter_params_start": params_start,
         "trainable_adapter_params_end": adapter_parameter_count(unwrapped, method),
-        "head_params": sum(p.numel() for n, p in unwrapped.named_parameters() if p.requires_grad and "modules_to_save" in n),
+        "head_params": sum(
+            p.numel() for n, p in unwrapped.named_parameters() if p.requires_grad and "modules_to_save" in n
+        ),
         "lora_r8_params_same_layers": lora8_params,
         "ranks": allocator.ranks() if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
@@ -300,12 +307,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    print(f"\n{results['method']} on {results['task']}: {results['steps']} steps in {results['wall_s']:.0f} s "
-          f"(CPU/wall {results['cpu_over_wall']:.2f}, median step {results['median_step_s'] * 1000:.0f} ms)")
+    print(
+        f"\n{results['method']} on {results['task']}: {results['steps']} steps in {results['wall_s']:.0f} s "
+        f"(CPU/wall {results['cpu_over_wall']:.2f}, median step {results['median_step_s'] * 1000:.0f} ms)"
+    )
     for split, values in results["metrics"].items():
         print(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    print(f"  trainable adapter parameters: {results['trainable_adapter_params_start']:,} at start -> "
-          f"{results['trainable_adapter_params_end']:,} at the end (+{results['head_params']:,} in the head)")
+    print(
+        f"  trainable adapter parameters: {results['trainable_adapter_params_start']:,} at start -> "
+        f"{results['trainable_adapter_params_end']:,} at the end (+{results['head_params']:,} in the head)"
+    )
     if results["lora_r8_params_same_layers"]:
         share = results["trainable_adapter_params_end"] / results["lora_r8_params_same_layers"]
         print(f"  LoRA r=8 on the same layers: {results['lora_r8_params_same_layers']:,} (GeoLoRA uses {share:.0%})")

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
 
+
 MIN_PEFT_VERSION = "0.21.0"
 
 try:
@@ -29,6 +30,7 @@ from .layer import GeoLoraLayer, Linear  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
 from .transformers_loading import install as install_transformers_loading  # noqa: E402
+
 
 register(GeoLoraConfig, GeoLoraModel)
 install_transformers_loading()

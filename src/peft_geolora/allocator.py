@@ -40,6 +40,7 @@ from . import integrator
 from .config import GeoLoraConfig
 from .layer import GeoLoraLayer
 
+
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 # Every this many truncations the augmented bases are re-orthonormalised (QR, folded into S) to remove the
@@ -94,7 +95,7 @@ class _Adapter:
 def _unwrap_peft_model(model: nn.Module) -> nn.Module:
     """Strip DDP / accelerate wrappers; return the module that owns the GeoLoRA layers."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and not hasattr(model, "peft_config")
+        hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config")
     ):
         model = model.module
     return model
@@ -157,7 +158,9 @@ class RankAllocator:
             adapter_name = active if isinstance(active, str) else active[0]
         config = configs.get(adapter_name)
         if not isinstance(config, GeoLoraConfig):
-            raise TypeError(f"Adapter `{adapter_name}` is not a GeoLoRA adapter (its config is {type(config).__name__}).")
+            raise TypeError(
+                f"Adapter `{adapter_name}` is not a GeoLoRA adapter (its config is {type(config).__name__})."
+            )
         # A validated copy of the config carries the effective options; the model's config is never changed.
         self.config: GeoLoraConfig = copy.deepcopy(config)
         for key, value in options.items():
@@ -213,7 +216,9 @@ class RankAllocator:
         self._state_snapshot = None
         if not finite:
             self._state_snapshot = {
-                id(p): copy.deepcopy(self.optimizer.state[p]) for p in self._factor_params() if p in self.optimizer.state
+                id(p): copy.deepcopy(self.optimizer.state[p])
+                for p in self._factor_params()
+                if p in self.optimizer.state
             }
         self._pending = True
 

@@ -10,6 +10,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .allocator import RankAllocator
 
+
 ALLOCATOR_STATE_NAME = "geolora_allocator.json"
 
 

@@ -145,29 +145,46 @@ class GeoLoraConfig(PeftConfig):
         for name in ("r", "max_rank", "min_rank", "cycle_length"):
             value = getattr(self, name)
             _check_range(name, value, "an integer >= 1", _is_int(value) and value >= 1)
-        _check_range("warmup_steps", self.warmup_steps, "an integer >= 0", _is_int(self.warmup_steps) and self.warmup_steps >= 0)
         _check_range(
-            "min_rank", self.min_rank, f"<= `max_rank` ({self.max_rank})", self.min_rank <= self.max_rank
+            "warmup_steps", self.warmup_steps, "an integer >= 0", _is_int(self.warmup_steps) and self.warmup_steps >= 0
         )
+        _check_range("min_rank", self.min_rank, f"<= `max_rank` ({self.max_rank})", self.min_rank <= self.max_rank)
         _check_range(
-            "r", self.r, f"in [`min_rank`, `max_rank`] = [{self.min_rank}, {self.max_rank}]",
+            "r",
+            self.r,
+            f"in [`min_rank`, `max_rank`] = [{self.min_rank}, {self.max_rank}]",
             self.min_rank <= self.r <= self.max_rank,
         )
         _check_range("tau", self.tau, "a number in [0, 1)", isinstance(self.tau, (int, float)) and 0 <= self.tau < 1)
-        _check_range("abs_tol", self.abs_tol, "a number >= 0", isinstance(self.abs_tol, (int, float)) and self.abs_tol >= 0)
         _check_range(
-            "lora_dropout", self.lora_dropout, "a number in [0, 1)",
+            "abs_tol", self.abs_tol, "a number >= 0", isinstance(self.abs_tol, (int, float)) and self.abs_tol >= 0
+        )
+        _check_range(
+            "lora_dropout",
+            self.lora_dropout,
+            "a number in [0, 1)",
             isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
         )
-        _check_range("lora_alpha", self.lora_alpha, "a number > 0", isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0)
-        _check_range("bias", self.bias, "one of 'none', 'all', 'geolora_only'", self.bias in ("none", "all", "geolora_only"))
-        _check_range("budget_unit", self.budget_unit, "one of 'rank', 'params'", self.budget_unit in ("rank", "params"))
+        _check_range(
+            "lora_alpha",
+            self.lora_alpha,
+            "a number > 0",
+            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+        )
+        _check_range(
+            "bias", self.bias, "one of 'none', 'all', 'geolora_only'", self.bias in ("none", "all", "geolora_only")
+        )
+        _check_range(
+            "budget_unit", self.budget_unit, "one of 'rank', 'params'", self.budget_unit in ("rank", "params")
+        )
         _check_range("schedule", self.schedule, "one of 'step', 'cycle'", self.schedule in ("step", "cycle"))
         if self.budget is not None:
             _check_range("budget", self.budget, "None or an integer >= 1", _is_int(self.budget) and self.budget >= 1)
         if self.freeze_step is not None:
             _check_range(
-                "freeze_step", self.freeze_step, f"None or an integer > `warmup_steps` ({self.warmup_steps})",
+                "freeze_step",
+                self.freeze_step,
+                f"None or an integer > `warmup_steps` ({self.warmup_steps})",
                 _is_int(self.freeze_step) and self.freeze_step > self.warmup_steps,
             )
         if self.target_parameters is not None:

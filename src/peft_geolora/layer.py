@@ -20,6 +20,7 @@ from torch import nn
 
 from .integrator import GeoLoraFunction, sign_fixed_qr
 
+
 try:  # transformers is optional for the layer itself
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency of peft
@@ -264,7 +265,9 @@ class Linear(nn.Module, GeoLoraLayer):
                 self._check_allocator_runs(name)
             U, S, V = self.active_factors(name)
             x_in = self.geolora_dropout[name](self._cast_input_dtype(x, U.dtype))
-            result = result + GeoLoraFunction.apply(x_in, U, S, V, self.scaling[name], self.integrated.get(name, False)).to(result_dtype)
+            result = result + GeoLoraFunction.apply(
+                x_in, U, S, V, self.scaling[name], self.integrated.get(name, False)
+            ).to(result_dtype)
         return result.to(result_dtype)
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ from .config import GeoLoraConfig
 from .layer import SUPPORTED_LAYER_TYPES, GeoLoraLayer, Linear, unsupported_layer_message
 from .registry import PREFIX
 
+
 _FACTOR_KEY = re.compile(r"^(?P<module>.*)\.geolora_(?P<factor>[USV])(?P<suffix>(\.[^.]+)?)$")
 _PEFT_PREFIX = "base_model.model."
 

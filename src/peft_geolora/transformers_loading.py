@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def install() -> None:
     """Wrap ``peft.utils.transformers_weight_conversion.build_peft_weight_mapping`` once (idempotent)."""

@@ -1,0 +1,101 @@
+"""Registration with PEFT, the config's validation, and errors on unsupported layers."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pickle
+
+import pytest
+import torch
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+from torch import nn
+
+import peft_geolora
+from peft_geolora import GeoLoraConfig, GeoLoraModel
+
+
+def test_registration_is_idempotent_and_survives_reload() -> None:
+    importlib.reload(peft_geolora.registry)
+    reloaded = importlib.reload(peft_geolora)
+    assert PeftType("GEOLORA") is PeftType.GEOLORA
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["GEOLORA"] is reloaded.GeoLoraConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["GEOLORA"] is reloaded.GeoLoraModel
+    assert list(PeftType).count(PeftType.GEOLORA) == 1
+
+
+def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
+    config = GeoLoraConfig(target_modules=["a", "b"], r=4, max_rank=8, budget=20, schedule="step")
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GEOLORA"
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GeoLoraConfig) and loaded.budget == 20 and loaded.peft_type is PeftType.GEOLORA
+    assert pickle.loads(pickle.dumps(config)).peft_type is PeftType.GEOLORA
+    assert copy.deepcopy(config).peft_type is PeftType.GEOLORA
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, fragment",
+    [
+        ({"tau": 1.0}, "tau", "[0, 1)"),
+        ({"tau": -0.1}, "tau", "[0, 1)"),
+        ({"r": 0}, "r", ">= 1"),
+        ({"r": -3}, "r", ">= 1"),
+        ({"min_rank": 0}, "min_rank", ">= 1"),
+        ({"min_rank": 9, "max_rank": 8, "r": 8}, "min_rank", "<= `max_rank` (8)"),
+        ({"r": 32, "max_rank": 16}, "r", "[`min_rank`, `max_rank`] = [1, 16]"),
+        ({"lora_dropout": 1.0}, "lora_dropout", "[0, 1)"),
+        ({"lora_alpha": 0}, "lora_alpha", "> 0"),
+        ({"budget": 0}, "budget", ">= 1"),
+        ({"budget_unit": "layers"}, "budget_unit", "'rank', 'params'"),
+        ({"schedule": "sometimes"}, "schedule", "'step', 'cycle'"),
+        ({"cycle_length": 0}, "cycle_length", ">= 1"),
+        ({"warmup_steps": -1}, "warmup_steps", ">= 0"),
+        ({"warmup_steps": 10, "freeze_step": 5}, "freeze_step", "> `warmup_steps` (10)"),
+        ({"bias": "lora_only"}, "bias", "'none', 'all', 'geolora_only'"),
+        ({"abs_tol": -1.0}, "abs_tol", ">= 0"),
+    ],
+)
+def test_invalid_settings_name_field_value_and_range(kwargs, field, fragment) -> None:
+    with pytest.raises(ValueError) as info:
+        GeoLoraConfig(target_modules=["lin"], **kwargs)
+    message = str(info.value)
+    assert f"`{field}`" in message and fragment in message and repr(kwargs[field]) in message
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(self.emb(x))
+
+
+def test_unsupported_layer_type_lists_the_supported_ones() -> None:
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.linear\.Linear.*Conv1D"):
+        get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["emb"]))
+
+
+def test_targets_matching_nothing_are_refused() -> None:
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["nothing_here"]))
+
+
+def test_rank_is_clamped_per_layer_and_scale_is_fixed() -> None:
+    model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"], r=8, max_rank=8, lora_alpha=4))
+    layer = model.base_model.model.lin
+    assert layer.rank["default"] == 2 and layer.capacity["default"] == 2  # min(in=4, out=2)
+    assert layer.scaling["default"] == 4 / 8
+    layer.set_rank("default", 1)
+    assert layer.scaling["default"] == 4 / 8  # never follows the current rank
+
+
+def test_tuner_class_is_the_registered_one() -> None:
+    model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"]))
+    assert isinstance(model.base_model, GeoLoraModel)
+    assert torch.equal(model.base_model.model.lin.geolora_rank["default"], torch.tensor(2))
