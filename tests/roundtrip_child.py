@@ -39,7 +39,6 @@ def main(workdir: Path) -> None:
     results["transformers load_adapter"] = diff(plain)
     # the Trainer's resume path: a fresh model at its initial ranks, then load_adapter(..., is_trainable=True)
     config = GeoLoraConfig.from_pretrained(adapter_dir)
-    config.rank_pattern, config.rank_history = {}, {}
     fresh = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir), config)
     fresh.load_adapter(adapter_dir, "default", is_trainable=True)
     results["resume load_adapter(is_trainable=True)"] = diff(fresh)

@@ -47,6 +47,7 @@ class GeoLoraLayer(BaseTunerLayer):
         "_seen_version",
         "_unallocated_steps",
         "integrated",
+        "expected_rank",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -63,6 +64,8 @@ class GeoLoraLayer(BaseTunerLayer):
         # True while a RankAllocator drives the adapter: the backward then exposes the K/L-gradients
         # (GeoLoraFunction); otherwise the adapter is a fixed-rank U S Vᵀ trained by plain gradients.
         self.integrated: dict[str, bool] = {}
+        # rank recorded in the adapter_config.json this adapter was built from; checked on the first load
+        self.expected_rank: dict[str, Optional[int]] = {}
         self._seen_version: dict[str, int] = {}
         self._unallocated_steps: dict[str, int] = {}
         self._disable_adapters = False

@@ -48,13 +48,16 @@ class GeoLoraModel(BaseTuner):
             "lora_dropout": peft_config.lora_dropout,
             "init_weights": peft_config.init_weights,
         }
+        expected_rank = (peft_config.rank_pattern or {}).get(current_key)  # set when built from a saved config
         if isinstance(target, GeoLoraLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
+            target.expected_rank[adapter_name] = expected_rank
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, SUPPORTED_LAYER_TYPES):
             raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
         new_module = Linear(target, adapter_name, **kwargs)
+        new_module.expected_rank[adapter_name] = expected_rank
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -135,13 +138,17 @@ class GeoLoraModel(BaseTuner):
                 )
             rank = int(remapped[rank_key])
             remapped[key] = _pad_factor(key, factor, remapped[key], rank, live_shapes[key])
-            recorded = (config.rank_pattern or {}).get(module.removeprefix(_PEFT_PREFIX))
+            layer = model.get_submodule(module)
+            recorded = layer.expected_rank.get(adapter_name) if isinstance(layer, GeoLoraLayer) else None
             if recorded is not None and recorded != rank:
                 raise ValueError(
                     f"`adapter_config.json` records rank {recorded} for `{module.removeprefix(_PEFT_PREFIX)}` but the "
                     f"weights file holds rank {rank}: the config and the weights come from different saves. Save "
                     "the adapter again, or restore both files from the same save."
                 )
+        for module in model.modules():  # checked once, against the config the layers were built from
+            if isinstance(module, GeoLoraLayer):
+                module.expected_rank.pop(adapter_name, None)
         return remapped
 
 

@@ -1,0 +1,88 @@
+"""Nothing loads as a silently different model: mismatched saves and inconsistent tensors are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from peft_geolora import GeoLoraConfig, RankAllocator
+
+from .helpers import Dense
+
+
+def _trained(seed: int, steps: int = 6):
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        Dense(12, 16), GeoLoraConfig(target_modules=["lin"], r=4, max_rank=6, tau=0.3, schedule="step")
+    )
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    allocator = RankAllocator(model, optimizer)
+    target = torch.randn(16, 12)
+    for _ in range(steps):
+        (model(torch.eye(12)) - target.T).square().sum().backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _base():
+    torch.manual_seed(123)
+    return Dense(12, 16)
+
+
+def test_config_and_weights_from_different_saves_are_refused(tmp_path: Path) -> None:
+    a, b = _trained(0), _trained(1)
+    a.base_model.model.lin.set_rank("default", 2)
+    b.base_model.model.lin.set_rank("default", 3)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "adapter_config.json", tmp_path / "a" / "adapter_config.json")  # half-finished save
+    with pytest.raises(ValueError, match="records rank 3 .* weights file holds rank 2"):
+        PeftModel.from_pretrained(_base(), tmp_path / "a")
+
+
+def test_tensor_disagreeing_with_its_rank_is_refused(tmp_path: Path) -> None:
+    model = _trained(0)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("geolora_U"))
+    tensors[key] = torch.cat([tensors[key], torch.zeros(16, 1)], dim=1)  # one column more than its rank says
+    save_file(tensors, path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["rank_pattern"] = {}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="recorded rank .* require"):
+        PeftModel.from_pretrained(_base(), tmp_path)
+
+
+def test_missing_rank_buffer_is_refused(tmp_path: Path) -> None:
+    model = _trained(0)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if "geolora_rank" not in k}
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="no active rank"):
+        PeftModel.from_pretrained(_base(), tmp_path)
+
+
+def test_saving_then_loading_another_checkpoint_into_the_live_model_works(tmp_path: Path) -> None:
+    """A save records ranks in the live config; loading a different checkpoint later must not trip on them."""
+    model = _trained(0)
+    model.base_model.model.lin.set_rank("default", 2)
+    model.save_pretrained(tmp_path / "now")
+    other = _trained(1)
+    other.save_pretrained(tmp_path / "other")
+    model.load_adapter(tmp_path / "other", "default", is_trainable=True)
+    assert model.base_model.model.lin.rank["default"] == other.base_model.model.lin.rank["default"]
+    x = torch.randn(3, 12)
+    model.eval()
+    other.eval()
+    assert torch.equal(model(x), other(x))
