@@ -99,3 +99,14 @@ def test_tuner_class_is_the_registered_one() -> None:
     model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"]))
     assert isinstance(model.base_model, GeoLoraModel)
     assert torch.equal(model.base_model.model.lin.geolora_rank["default"], torch.tensor(2))
+
+
+def test_an_older_peft_is_refused_with_the_fix(monkeypatch) -> None:
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.1" if name == "peft" else real_version(name))
+    with pytest.raises(ImportError, match=r"needs peft >= 0\.21\.0.*0\.20\.1 is installed.*pip install"):
+        importlib.reload(peft_geolora)
+    monkeypatch.undo()
+    importlib.reload(peft_geolora)

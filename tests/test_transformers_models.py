@@ -63,6 +63,9 @@ def test_save_fresh_process_load_is_exact(kind: str, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "GEOLORA"
     assert saved["rank_pattern"][name.removeprefix("base_model.model.")] == layer.rank["default"]
+    assert saved["rank_history"] == {
+        k.removeprefix("base_model.model."): [list(e) for e in v] for k, v in allocator.rank_history().items() if v
+    }
 
     batch = inputs(seed=123)
     model.eval()
