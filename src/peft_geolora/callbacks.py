@@ -53,6 +53,13 @@ class GeoLoraCallback(TrainerCallback):
     ) -> None:
         self.allocator.step()
 
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Close an open cycle with its truncation, so the final adapter holds its kept ranks."""
+        if self.allocator is not None:
+            self.allocator.finish()
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.allocator is None or not state.is_world_process_zero:
             return

