@@ -26,6 +26,7 @@ if Version(_peft_version) < Version(MIN_PEFT_VERSION):
 from .allocator import RankAllocator  # noqa: E402
 from .callbacks import GeoLoraCallback  # noqa: E402
 from .config import GeoLoraConfig  # noqa: E402
+from .export import export_adapter_dir, export_to_lora, geolora_from_lora  # noqa: E402
 from .layer import GeoLoraLayer, Linear  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
@@ -44,4 +45,7 @@ __all__ = [
     "GeoLoraModel",
     "Linear",
     "RankAllocator",
+    "export_adapter_dir",
+    "export_to_lora",
+    "geolora_from_lora",
 ]
