@@ -83,13 +83,13 @@ def test_parameter_budget_is_respected() -> None:
     assert allocator.num_adapter_parameters() > 300 - (32 + 24 + 2 * 8 + 1)  # no room for one more value
 
 
-def test_min_rank_floors_can_exceed_the_budget() -> None:
-    model = _two_layer_model(budget=2, min_rank=3, r=3, schedule="step")
-    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+def test_budget_below_the_rank_floors_is_refused() -> None:
+    model = _two_layer_model(budget=5, min_rank=3, r=3, schedule="step")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    allocator = RankAllocator(model, optimizer)
-    _fit(model, targets, allocator, optimizer, steps=5)
-    assert allocator.ranks() == {"base_model.model.a": 3, "base_model.model.b": 3}
+    with pytest.raises(ValueError, match=r"`budget` must be >= 6 singular values .* got 5"):
+        RankAllocator(model, optimizer)
+    with pytest.raises(ValueError, match=r"`budget` must be >= 354 parameters"):  # 2 * 3 * (32 + 24 + 3)
+        RankAllocator(model, optimizer, budget=300, budget_unit="params")
 
 
 def test_warmup_and_freeze_fix_the_ranks() -> None:

@@ -43,8 +43,9 @@ from .layer import GeoLoraLayer
 
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
-# Every this many truncations the augmented bases are re-orthonormalised (QR, folded into S) to remove the
-# rounding drift that repeated rotations accumulate (about 1e-8 per rotation in fp32).
+# At the first truncation and then every this many, the augmented bases are re-orthonormalised (QR, folded into S):
+# this removes the rounding of factors that were created in a low-precision base model's dtype before PEFT upcast
+# them, and the drift that repeated rotations accumulate (about 1e-8 per rotation in fp32).
 REORTHONORMALIZE_EVERY = 25
 ALLOCATOR_OPTIONS = (
     "tau",
@@ -176,6 +177,8 @@ class RankAllocator:
         ]
         if not self.adapters:
             raise ValueError(f"The model has no GeoLoRA layers for adapter `{adapter_name}`.")
+        self._check_parameters_are_whole(model)
+        self._check_budget_covers_floors()
         self.optimizer = _unwrap_optimizer(optimizer)
         self._check_optimizer_covers_factors()
 
@@ -193,7 +196,40 @@ class RankAllocator:
         base_model = getattr(peft_model, "base_model", peft_model)
         base_model.__dict__["_geolora_allocator"] = self
 
-    # ------------------------------------------------------------------ hooks and bookkeeping
+    # ------------------------------------------------------------------ checks, hooks and bookkeeping
+    def _check_parameters_are_whole(self, model: nn.Module) -> None:
+        """The allocator rewrites whole factors in place: sharded ones (FSDP, DeepSpeed ZeRO-3) are refused."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        sharded = isinstance(model, FullyShardedDataParallel) or any(
+            isinstance(m, FullyShardedDataParallel) for m in model.modules()
+        )
+        for a in self.adapters:
+            for p in a.parameters():
+                sharded |= hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor"
+        if sharded:
+            raise RuntimeError(
+                "GeoLoRA's RankAllocator needs whole (unsharded) factors, but the model is sharded by FSDP or "
+                "DeepSpeed ZeRO-3. Train with DDP (accelerate's MULTI_GPU / MULTI_CPU) or DeepSpeed ZeRO-1/2; the "
+                "adapters are small, so sharding them saves little."
+            )
+
+    def _check_budget_covers_floors(self) -> None:
+        cfg = self.config
+        if cfg.budget is None:
+            return
+        floors = [(min(cfg.min_rank, cfg.max_rank, a.capacity), a.U.shape[0] + a.V.shape[0]) for a in self.adapters]
+        if cfg.budget_unit == "rank":
+            need = sum(f for f, _ in floors)
+        else:
+            need = sum(f * (mn + f) for f, mn in floors)
+        if cfg.budget < need:
+            raise ValueError(
+                f"`budget` must be >= {need} {'singular values' if cfg.budget_unit == 'rank' else 'parameters'} "
+                f"(what `min_rank` = {cfg.min_rank} keeps on the {len(self.adapters)} adapted layers), got "
+                f"{cfg.budget}. Raise the budget or lower `min_rank`."
+            )
+
     def _check_optimizer_covers_factors(self) -> None:
         in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [a.name for a in self.adapters if not all(id(p) in in_optimizer for p in a.parameters())]
@@ -354,7 +390,7 @@ class RankAllocator:
     def _truncate(self, pending: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """SVD of each group's coefficients, the rank rule, and the rewrite of every adapter."""
         self._num_truncations += 1
-        if self._num_truncations % REORTHONORMALIZE_EVERY == 0:
+        if self._num_truncations % REORTHONORMALIZE_EVERY == 1:
             pending = [(members, *integrator.reorthonormalize(U, S, V)) for members, U, S, V in pending]
         spectra = []
         for members, U_hat, S_hat, V_hat in pending:

@@ -54,6 +54,12 @@ class GeoLoraModel(BaseTuner):
             target.expected_rank[adapter_name] = expected_rank
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if _is_quantized(base):
+            raise TypeError(
+                f"GeoLoRA does not support quantized base layers yet: `{current_key}` is a "
+                f"`{type(base).__module__}.{type(base).__qualname__}`. Load the base model unquantized (bf16/fp16/fp32), "
+                "or use LoRA/QLoRA for quantized models."
+            )
         if not isinstance(base, SUPPORTED_LAYER_TYPES):
             raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
         new_module = Linear(target, adapter_name, **kwargs)
@@ -61,6 +67,14 @@ class GeoLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        if adapter_name in self.prefix:
+            raise ValueError(
+                f"Adapter name `{adapter_name}` is contained in GeoLoRA's parameter prefix `{self.prefix}`, so its "
+                "tensors could not be told apart from other adapters' on save and load. Choose another name."
+            )
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def update_and_allocate(self, global_step: Optional[int] = None) -> None:
         """Step the :class:`~peft_geolora.RankAllocator` attached to this model (AdaLoRA's name for it).
@@ -150,6 +164,17 @@ class GeoLoraModel(BaseTuner):
             if isinstance(module, GeoLoraLayer):
                 module.expected_rank.pop(adapter_name, None)
         return remapped
+
+
+_QUANTIZATION_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum", "eetq")
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    """A base layer from a quantization package, or with integer / packed weights."""
+    if type(layer).__module__.split(".")[0] in _QUANTIZATION_PACKAGES:
+        return True
+    weight = getattr(layer, "weight", None)
+    return weight is not None and (not weight.is_floating_point() or hasattr(weight, "quant_state"))
 
 
 def _pad_factor(key: str, factor: str, tensor: torch.Tensor, rank: int, live_shape: torch.Size) -> torch.Tensor:

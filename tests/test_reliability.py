@@ -1,0 +1,124 @@
+"""Bad settings fail at once with a clear message; low precision never poisons the factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from peft_geolora import GeoLoraConfig, RankAllocator
+
+from .helpers import orthonormality_error
+from .tiny_models import build, inputs
+
+
+class FakeBnbLinear(nn.Linear):
+    """Stands in for a bitsandbytes layer (a Linear subclass from a quantization package)."""
+
+
+FakeBnbLinear.__module__ = "bitsandbytes.nn.modules"
+
+
+class Quantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = FakeBnbLinear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_quantized_base_layers_are_refused() -> None:
+    with pytest.raises(TypeError, match="does not support quantized base layers.*bitsandbytes"):
+        get_peft_model(Quantized(), GeoLoraConfig(target_modules=["lin"]))
+
+
+def test_sharded_factors_are_refused() -> None:
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
+    model.base_model.model[0].geolora_U["default"].ds_id = 7  # what DeepSpeed ZeRO-3 attaches to its parameters
+    with pytest.raises(RuntimeError, match="FSDP or DeepSpeed ZeRO-3"):
+        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("name", ["geo", "lora", "geolora"])
+def test_adapter_name_inside_the_prefix_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"Adapter name `{name}` is contained"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"]), adapter_name=name)
+
+
+def test_lora_only_options_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="use_dora"):
+        GeoLoraConfig(target_modules=["lin"], use_dora=True)
+
+
+def _train_tiny_bert(dtype: torch.dtype, autocast: bool = False, steps: int = 6):
+    """Only the adapters train (PEFT keeps them in fp32); the frozen base runs in ``dtype``."""
+    model, targets = build("bert")
+    model = model.to(dtype)
+    model = get_peft_model(model, GeoLoraConfig(target_modules=targets, r=4, max_rank=6, tau=0.3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    allocator = RankAllocator(model, optimizer)
+    losses = []
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**inputs(seed=step)).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1, 0]))
+        loss.backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs(seed=50)).logits.float()
+    return model, allocator, losses, logits
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)])
+def test_low_precision_training_stays_finite_and_close_to_fp32(dtype: torch.dtype, autocast: bool) -> None:
+    _, _, _, reference = _train_tiny_bert(torch.float32)
+    model, allocator, losses, logits = _train_tiny_bert(dtype, autocast)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for module in model.modules():
+        if hasattr(module, "geolora_U"):
+            U, S, V = (t.detach() for t in module.active_factors("default"))
+            assert U.dtype == torch.float32  # PEFT keeps adapter weights in fp32 by default
+            assert torch.isfinite(S).all() and orthonormality_error(U) < 1e-5 and orthonormality_error(V) < 1e-5
+    assert (logits - reference).abs().max() < 0.1
+
+
+def test_bf16_factors_keep_fp32_factorizations() -> None:
+    """With autocast_adapter_dtype=False the factors themselves are bf16; QR and SVD still run in fp32."""
+    model, targets = build("bert")
+    model = get_peft_model(
+        model.to(torch.bfloat16),
+        GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6),
+        autocast_adapter_dtype=False,
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    allocator = RankAllocator(model, optimizer, schedule="step")
+    for step in range(4):
+        model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+    layer = next(m for m in model.modules() if hasattr(m, "geolora_U"))
+    U = layer.active_factors("default")[0].detach()
+    assert U.dtype == torch.bfloat16 and torch.isfinite(U).all()
+    assert orthonormality_error(U.float()) < 2e-2  # bf16 storage rounding only
+
+
+def test_zero_gradients_at_initialisation_do_not_break_the_step() -> None:
+    model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), GeoLoraConfig(target_modules=["0"], r=2, max_rank=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    allocator = RankAllocator(model, optimizer, schedule="step")
+    for _ in range(3):
+        (model(torch.zeros(3, 6)) * 0).sum().backward()  # all-zero gradients
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+    layer = model.base_model.model[0]
+    U, S, V = (t.detach() for t in layer.active_factors("default"))
+    assert layer.rank["default"] == 1  # min_rank: nothing to keep
+    assert torch.isfinite(U).all() and orthonormality_error(U) < 1e-6 and torch.all(S == 0)
