@@ -543,13 +543,20 @@ class RankAllocator:
         """What a resumed run needs beyond the adapter weights: the step count and the rank history."""
         return {
             "num_steps": self.num_steps,
+            "num_truncations": self._num_truncations,
             "base_ranks": [self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)],
             "open_cycle": self._open_cycle,
             "rank_history": {k: [list(e) for e in v] for k, v in self.rank_history().items()},
         }
 
+    def resume_at_step(self, step: int) -> None:
+        """Continue a run at optimizer step ``step`` when no allocator state was saved (derives the truncation count)."""
+        self.num_steps = step
+        self._num_truncations = step // (self._cycle_length() + 1)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
+        self._num_truncations = int(state.get("num_truncations", 0))
         self._base_ranks = dict(enumerate(state.get("base_ranks", [])))
         self._open_cycle = bool(state.get("open_cycle", False))
         history = state.get("rank_history", {})

@@ -46,7 +46,7 @@ class GeoLoraCallback(TrainerCallback):
                 with open(saved, encoding="utf-8") as f:
                     self.allocator.load_state_dict(json.load(f))
             else:
-                self.allocator.num_steps = state.global_step
+                self.allocator.resume_at_step(state.global_step)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
