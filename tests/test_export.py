@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,8 @@ from transformers import AutoModelForSequenceClassification
 from peft_geolora import GeoLoraConfig, RankAllocator
 from peft_geolora.export import export_adapter_dir, export_to_lora, geolora_from_lora
 
+from .processes import run_child
 from .tiny_models import build, inputs
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_geolora(kind: str, base_dir: Path):
@@ -63,17 +60,7 @@ def test_exported_adapter_loads_with_plain_peft_and_matches(kind: str, tmp_path:
         torch.save(model(**batch).logits, tmp_path / "logits.pt")
     torch.save(batch, tmp_path / "inputs.pt")
     torch.save(_linear_weights(model.merge_and_unload()), tmp_path / "merged.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.export_child", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_child("tests.export_child", str(tmp_path))
     assert not result["geolora_imported"]
     assert result["logits"] <= 1e-5 and result["merged"] <= 1e-5, result
 

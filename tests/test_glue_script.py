@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,12 +19,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Debe
 
 import peft_geolora  # noqa: F401
 
+from .processes import (
+    ROOT,
+    launch_two_processes,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT / "scripts" / "glue"))
-import data as glue_data  # noqa: E402
-import run_glue  # noqa: E402
-from metrics import METRICS  # noqa: E402
+import data as glue_data
+import run_glue
+from metrics import METRICS
 
 
 WORDS = ["the", "a", "good", "bad", "movie", "film", "plot", "actor", "great", "boring", "fun", "dull", "story"]
@@ -229,35 +232,12 @@ def test_push_to_hub_uploads_the_adapter_and_its_card(monkeypatch, tmp_path: Pat
 
 @pytest.mark.distributed
 def test_two_processes_on_the_default_task(tmp_path: Path) -> None:
-    from .test_training_integrations import _free_port
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+    launch_two_processes(
         str(ROOT / "scripts" / "glue" / "run_glue.py"),
-        "--config",
-        str(ROOT / "configs" / "glue" / "rt_polarity.yaml"),
-        "--output_dir",
-        str(tmp_path / "ddp"),
-        "--set",
-        "max_steps=6",
-        "max_train_samples=256",
-    ]
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert run.returncode == 0, run.stderr[-4000:]
+        "--config", str(ROOT / "configs" / "glue" / "rt_polarity.yaml"),
+        "--output_dir", str(tmp_path / "ddp"),
+        "--set", "max_steps=6", "max_train_samples=256",
+    )  # fmt: skip
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert results["num_processes"] == 2
     assert results["ranks_agree_across_processes"]

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +14,8 @@ from transformers import Trainer, TrainingArguments
 
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 
+from .processes import launch_two_processes
 from .tiny_models import VOCAB, build, inputs
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(seed: int = 0):
@@ -118,38 +112,11 @@ def test_accelerate_save_state_load_state_continues_exactly(tmp_path: Path) -> N
     assert _max_diff(_adapter(full), _adapter(resumed)) <= 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_processes_agree_bit_for_bit(tmp_path: Path) -> None:
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU), different data per process, GA 2."""
     out = tmp_path / "result.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "tests.distributed_child",
-        str(out),
-    ]
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-4000:]
+    launch_two_processes("-m", "tests.distributed_child", str(out))
     result = json.loads(out.read_text())
     assert result["num_processes"] == 2
     assert result["distributed_type"] == "MULTI_CPU"

@@ -7,9 +7,6 @@ changed; merged and unmerged outputs agree; gradient checkpointing trains.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +16,8 @@ from transformers import AutoModelForSequenceClassification
 
 from peft_geolora import GeoLoraConfig, RankAllocator
 
+from .processes import run_child
 from .tiny_models import CONFIGS, build, inputs
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _geolora(kind: str, base_dir: Path | None = None, **config):
@@ -74,17 +69,7 @@ def test_save_fresh_process_load_is_exact(kind: str, tmp_path: Path) -> None:
     torch.save(batch, tmp_path / "inputs.pt")
     torch.save(logits, tmp_path / "logits.pt")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.roundtrip_child", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    diffs = json.loads(out.stdout.strip().splitlines()[-1])
+    diffs = run_child("tests.roundtrip_child", str(tmp_path))
     assert len(diffs) == 4
     assert all(d == 0.0 for d in diffs.values()), diffs
 
