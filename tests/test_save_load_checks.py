@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+import peft_geolora
 from peft_geolora import GeoLoraConfig, RankAllocator
 
 from .helpers import Dense
@@ -86,3 +87,50 @@ def test_saving_then_loading_another_checkpoint_into_the_live_model_works(tmp_pa
     model.eval()
     other.eval()
     assert torch.equal(model(x), other(x))
+
+
+def _saved(tmp_path: Path) -> Path:
+    _trained(0).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("cut", [3, 100, -10])
+def test_truncated_weights_file_is_reported_as_damaged(cut: int, tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:cut])  # a positive cut keeps the head, a negative one drops the tail
+    with pytest.raises(peft_geolora.DamagedAdapterError, match="damaged or truncated.*save or download"):
+        peft_geolora.from_pretrained(_base(), folder)
+
+
+def test_corrupted_header_and_config_are_reported(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10:20] = b"\xff" * 10  # inside the JSON header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(peft_geolora.DamagedAdapterError, match="header does not parse"):
+        peft_geolora.from_pretrained(_base(), folder)
+    (folder / "adapter_config.json").write_text('{"peft_type": "GEO')  # a save killed while writing the config
+    with pytest.raises(peft_geolora.DamagedAdapterError, match="not valid JSON"):
+        peft_geolora.from_pretrained(_base(), folder)
+
+
+def test_intact_adapter_loads_through_the_checked_path(tmp_path: Path) -> None:
+    model = _trained(0)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = peft_geolora.from_pretrained(_base(), tmp_path / "adapter")
+    x = torch.randn(2, 12)
+    model.eval()
+    loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_config_from_a_newer_version_loads_with_a_warning(tmp_path: Path) -> None:
+    folder = _saved(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["option_from_the_future"] = 3
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="option_from_the_future"):
+        peft_geolora.from_pretrained(_base(), folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,15 @@ def test_two_processes_agree_bit_for_bit(tmp_path: Path) -> None:
     assert len({json.dumps(r, sort_keys=True) for r in result["ranks"]}) == 1
     assert result["ranks_changed"]
     assert result["optimizer_steps"] == 40
+
+
+@pytest.mark.distributed
+def test_a_stalled_process_makes_the_other_fail_clearly(tmp_path: Path) -> None:
+    out = tmp_path / "error.txt"
+    started = time.monotonic()
+    with pytest.raises(AssertionError):  # the launch fails: process 0 raised
+        launch_two_processes("-m", "tests.stall_child", str(out), timeout=300)
+    assert time.monotonic() - started < 240
+    message = out.read_text()
+    assert "GeoLoRA could not synchronise the adapters across processes (this is process 0 of 2)" in message
+    assert "InitProcessGroupKwargs(timeout=...)" in message

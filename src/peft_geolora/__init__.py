@@ -28,6 +28,7 @@ from .callbacks import GeoLoraCallback  # noqa: E402
 from .config import GeoLoraConfig  # noqa: E402
 from .export import export_adapter_dir, export_to_lora, geolora_from_lora  # noqa: E402
 from .layer import GeoLoraLayer, Linear  # noqa: E402
+from .loading import DamagedAdapterError, check_adapter_dir, from_pretrained  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
 from .transformers_loading import install as install_transformers_loading  # noqa: E402
@@ -39,13 +40,16 @@ install_transformers_loading()
 __version__ = "0.1.0"
 __all__ = [
     "GEOLORA",
+    "DamagedAdapterError",
     "GeoLoraCallback",
     "GeoLoraConfig",
     "GeoLoraLayer",
     "GeoLoraModel",
     "Linear",
     "RankAllocator",
+    "check_adapter_dir",
     "export_adapter_dir",
     "export_to_lora",
+    "from_pretrained",
     "geolora_from_lora",
 ]

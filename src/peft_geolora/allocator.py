@@ -505,6 +505,18 @@ class RankAllocator:
             return
         if torch.distributed.get_world_size() < 2:
             return
+        try:
+            self._broadcast_factors_and_ranks()
+        except RuntimeError as exc:  # a peer stopped responding or died: say so instead of a bare gloo/NCCL error
+            raise RuntimeError(
+                f"GeoLoRA could not synchronise the adapters across processes (this is process "
+                f"{torch.distributed.get_rank()} of {torch.distributed.get_world_size()}): another process stopped "
+                "responding or exited. The wait is bounded "
+                "by the process-group timeout (accelerate: InitProcessGroupKwargs(timeout=...)). Cause: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
+
+    def _broadcast_factors_and_ranks(self) -> None:
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for a in self.adapters:
             for t in (a.U, a.S, a.V):
