@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -134,12 +135,15 @@ def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
             if isinstance(layer, peft_geolora.GeoLoraLayer)
             for r in layer.rank.values()
         )
-    if method == "adalora":
+    if method == "adalora":  # kept triplets: AdaLoRA's rank_pattern once it has masked, init_r per layer before
+        config = model.peft_config["default"]
         total = 0
-        for name, p in model.named_parameters():
-            if "lora_E" in name:
-                layer = model.get_submodule(name.rsplit(".lora_E", 1)[0])
-                total += int((p != 0).sum()) * (layer.in_features + layer.out_features + 1)
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_E") and "default" in module.lora_E:
+                key = name.removeprefix("base_model.model.") + ".lora_E"
+                pattern = (config.rank_pattern or {}).get(key) or (config.rank_pattern or {}).get(key + ".default")
+                kept = sum(pattern) if pattern is not None else module.lora_E["default"].shape[0]
+                total += kept * (module.in_features + module.out_features + 1)
         return total
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
@@ -405,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     results["cpu_over_wall"] = results["cpu_s"] / results["wall_s"]
+    results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if allocator is not None:  # every process must hold the same ranks (the allocator broadcasts process 0's)
         all_ranks = gather_object([json.dumps(allocator.ranks(), sort_keys=True)])
         results["ranks_agree_across_processes"] = len(set(all_ranks)) == 1

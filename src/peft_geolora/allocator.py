@@ -284,6 +284,10 @@ class RankAllocator:
             if position == cycle:
                 self._truncate_in_place()
         self._snapshot = None
+        self._publish()
+
+    def _publish(self) -> None:
+        """After a rewrite: make every process hold process 0's adapters, and tell the layers they are current."""
         if self.sync_processes:
             self._broadcast_from_main_process()
         for a in self.adapters:
@@ -305,10 +309,7 @@ class RankAllocator:
         if not self.is_augmented():
             return
         self._truncate_in_place()
-        if self.sync_processes:
-            self._broadcast_from_main_process()
-        for a in self.adapters:
-            a.layer.mark_allocated(a.adapter)
+        self._publish()
 
     def _ranks_may_change(self) -> bool:
         t = self.num_steps

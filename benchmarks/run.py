@@ -1,0 +1,202 @@
+"""Side-by-side benchmarks of GeoLoRA, LoRA and AdaLoRA on the offline task (MiniLM-L6, Rotten-Tomatoes snippets).
+
+    python benchmarks/run.py --study lr          # 4: learning-rate robustness (run first: it picks each method's lr)
+    python benchmarks/run.py --study quality     # 1: accuracy and adapter size, 3 seeds, each method at its best lr
+    python benchmarks/run.py --study init_rank   # 5: initial-rank invariance
+    python benchmarks/run.py --study schedule    # 6: every-step schedule vs cycle
+    python benchmarks/run.py --study all --smoke # CI: every training study with a few steps
+
+Every training run is ``scripts/glue/run_glue.py`` in its own process (same data order, steps, seeds and
+evaluation for every method; adapters on every Linear inside the encoder, the pooler excluded), so its peak memory
+(max RSS) is its own. Each study writes ``benchmarks/results/<study>.json`` (the command, versions, machine, every
+figure) and a PNG. Step cost and allocation overhead have their own scripts (``step_cost.py``,
+``alloc_overhead.py``), which time the methods side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
+METHODS = ("geolora", "lora", "adalora")
+LRS = (1e-4, 5e-4, 2e-3, 5e-3, 2e-2)
+DEFAULT_LR = {"geolora": 5e-3, "lora": 5e-4, "adalora": 2e-3}
+
+
+def run(method: str, overrides: list[str], smoke: bool) -> dict[str, Any]:
+    """One training run in its own process; its results.json."""
+    if smoke:
+        overrides = [*overrides, "max_steps=4", "max_train_samples=64", "validation_size=200"]
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable, str(ROOT / "scripts" / "glue" / "run_glue.py"), "--config", str(CONFIG),
+            "--method", method, "--output_dir", str(Path(tmp) / "out"), "--set", *overrides,
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        results = json.loads((Path(tmp) / "out" / "results.json").read_text())
+    accuracy = results["metrics"]["validation"]["accuracy"]
+    summary = {
+        "method": method,
+        "overrides": overrides,
+        "accuracy": accuracy,
+        "final_train_loss": results["final_train_loss"],
+        "adapter_params_start": results["trainable_adapter_params_start"],
+        "adapter_params_end": results["trainable_adapter_params_end"],
+        "head_params": results["head_params"],
+        "median_step_s": results["median_step_s"],
+        "wall_s": results["wall_s"],
+        "cpu_over_wall": results["cpu_over_wall"],
+        "max_rss_mb": results["max_rss_mb"],
+        "ranks": results["ranks"],
+        "diverged": results["final_train_loss"] is None or not math.isfinite(results["final_train_loss"]),
+    }
+    summary["collapsed"] = accuracy < 0.55  # chance level on this balanced binary task is about 0.5
+    print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}), flush=True)
+    return summary
+
+
+def best_lrs() -> dict[str, float]:
+    """Each method's best learning rate from the lr study, or the defaults when it has not run."""
+    path = RESULTS / "lr.json"
+    if not path.is_file():
+        return dict(DEFAULT_LR)
+    return json.loads(path.read_text())["best_lr"]
+
+
+def study_lr(smoke: bool) -> dict[str, Any]:
+    runs = [run(m, [f"lr={lr}", "max_steps=150"], smoke) | {"lr": lr} for m in METHODS for lr in LRS]
+    best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["accuracy"])["lr"] for m in METHODS}
+    return {"runs": runs, "best_lr": best, "steps": 150}
+
+
+def study_quality(smoke: bool) -> dict[str, Any]:
+    lrs = best_lrs()
+    runs = [run(m, [f"lr={lrs[m]}", f"seed={seed}"], smoke) | {"seed": seed} for m in METHODS for seed in (0, 1, 2)]
+    table = {}
+    for m in METHODS:
+        mine = [r for r in runs if r["method"] == m]
+        accuracies = [r["accuracy"] for r in mine]
+        table[m] = {
+            "lr": lrs[m],
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "adapter_params_end_mean": statistics.mean(r["adapter_params_end"] for r in mine),
+            "max_rss_mb_max": max(r["max_rss_mb"] for r in mine),
+        }
+    lora = table["lora"]["adapter_params_end_mean"]
+    for m in METHODS:
+        table[m]["params_vs_lora_r8"] = table[m]["adapter_params_end_mean"] / lora
+    return {"runs": runs, "table": table}
+
+
+def study_init_rank(smoke: bool) -> dict[str, Any]:
+    lr = best_lrs()["geolora"]
+    runs = [
+        run("geolora", [f"lr={lr}", f"geolora.r={r}", "geolora.max_rank=32"], smoke) | {"r0": r}
+        for r in (1, 2, 4, 8, 16, 32)
+    ]
+    params = [r["adapter_params_end"] for r in runs]
+    return {"runs": runs, "params_spread_vs_mean": (max(params) - min(params)) / statistics.mean(params)}
+
+
+def study_schedule(smoke: bool) -> dict[str, Any]:
+    lr = best_lrs()["geolora"]
+    runs = [
+        run("geolora", [f"lr={lr}", f"seed={seed}", f"geolora.schedule={schedule}"], smoke) | {"schedule": schedule}
+        for schedule in ("step", "cycle")
+        for seed in (0, 1)
+    ]
+    return {"runs": runs}
+
+
+STUDIES = {"lr": study_lr, "quality": study_quality, "init_rank": study_init_rank, "schedule": study_schedule}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def plot(study: str, data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    runs = data["runs"]
+    if study == "lr":
+        for m in METHODS:
+            mine = [r for r in runs if r["method"] == m]
+            ax.plot([r["lr"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation accuracy")
+    elif study == "quality":
+        for m in METHODS:
+            mine = [r for r in runs if r["method"] == m]
+            ax.scatter([r["adapter_params_end"] for r in mine], [r["accuracy"] for r in mine], label=m)
+        ax.set_xlabel("adapter parameters at the end")
+        ax.set_ylabel("validation accuracy")
+    elif study == "init_rank":
+        ax.plot([r["r0"] for r in runs], [r["adapter_params_end"] for r in runs], marker="o", label="params at end")
+        ax.plot(
+            [r["r0"] for r in runs], [r["adapter_params_start"] for r in runs], marker="x", label="params at start"
+        )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("initial rank")
+        ax.set_ylabel("adapter parameters")
+    else:
+        for schedule in ("step", "cycle"):
+            mine = [r for r in runs if r["schedule"] == schedule]
+            ax.scatter([r["adapter_params_end"] for r in mine], [r["accuracy"] for r in mine], label=schedule)
+        ax.set_xlabel("adapter parameters at the end")
+        ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{study} (MiniLM-L6, rt_polarity)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", choices=[*STUDIES, "all"], required=True)
+    parser.add_argument("--smoke", action="store_true", help="a few steps each, written to a temporary folder")
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for study in STUDIES if args.study == "all" else [args.study]:
+        data = STUDIES[study](args.smoke)
+        data = {"study": study, "command": " ".join([sys.executable, *sys.argv]), "smoke": args.smoke,
+                "machine": machine(), **data}  # fmt: skip
+        (out / f"{study}.json").write_text(json.dumps(data, indent=2))
+        plot(study, data, out / f"{study}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Step cost, side by side in one process: GeoLoRA (rank pinned at 8, and adaptive), LoRA r=8 and AdaLoRA.
+
+    python benchmarks/step_cost.py [--steps 40] [--smoke]
+
+Every method trains MiniLM-L6 on the same real batches (16 Rotten-Tomatoes snippets, dynamic padding); the
+methods take turns step by step, so drift on a shared machine hits them alike. One step is forward, backward,
+``optimizer.step()`` and the method's rank allocation (GeoLoRA's ``allocator.step()``, AdaLoRA's
+``update_and_allocate``). Reports the median step time of each, the ratios, and process CPU time / wall time beside
+each (below 1.8 on 2 threads the machine was contended). Writes ``benchmarks/results/step_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "glue"))
+from data import load_offline  # noqa: E402
+from run_glue import OFFLINE_MODEL, resolve_model_path  # noqa: E402
+
+from peft_geolora import GeoLoraConfig, RankAllocator  # noqa: E402
+
+
+TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+def build(name: str, path: str, total_steps: int):
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    common = {"task_type": "SEQ_CLS", "target_modules": TARGETS}
+    if name == "lora_r8":
+        config = LoraConfig(r=8, lora_alpha=16, **common)
+    elif name == "adalora":
+        config = AdaLoraConfig(
+            init_r=12, target_r=8, lora_alpha=16, total_step=total_steps, tinit=2, tfinal=2, **common
+        )
+    elif name == "geolora_pinned_r8_step":
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, schedule="step", **common)
+    elif name == "geolora_pinned_r8_cycle":
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, **common)
+    else:  # geolora_adaptive: the offline task's settings
+        config = GeoLoraConfig(r=8, max_rank=16, tau=0.3, **common)
+    model = get_peft_model(base, config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if name.startswith("geolora"):
+        allocator = RankAllocator(model, optimizer)
+        allocate = allocator.step
+    elif name == "adalora":
+        allocate = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
+    else:
+        allocate = None
+    return model, optimizer, allocate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cost.json"))
+    args = parser.parse_args(argv)
+    steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
+    path = resolve_model_path(OFFLINE_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = load_offline("rt_polarity")["train"]
+    batches = []
+    for i in range(steps + warmup):
+        rows = train[i * 16 : (i + 1) * 16]
+        batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch["labels"] = torch.tensor(rows["label"])
+        batches.append(batch)
+    names = ["lora_r8", "geolora_pinned_r8_step", "geolora_pinned_r8_cycle", "geolora_adaptive", "adalora"]
+    setups = {name: build(name, path, steps + warmup) for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for step, batch in enumerate(batches):
+        for name, (model, optimizer, allocate) in setups.items():  # the methods take turns
+            w0, c0 = time.perf_counter(), time.process_time()
+            model(**batch).loss.backward()
+            optimizer.step()
+            if allocate is not None:
+                allocate(step) if name == "adalora" else allocate()
+            optimizer.zero_grad()
+            if step >= warmup:
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+    median = {name: statistics.median(wall[name]) for name in names}
+    result = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "steps_timed": steps,
+        "median_step_s": median,
+        "cpu_over_wall": {name: sum(cpu[name]) / sum(wall[name]) for name in names},
+        "ratios": {
+            "geolora_pinned_r8_step / lora_r8": median["geolora_pinned_r8_step"] / median["lora_r8"],
+            "geolora_pinned_r8_cycle / lora_r8": median["geolora_pinned_r8_cycle"] / median["lora_r8"],
+            "geolora_adaptive / lora_r8": median["geolora_adaptive"] / median["lora_r8"],
+            "geolora_adaptive / adalora": median["geolora_adaptive"] / median["adalora"],
+        },
+    }
+    print(json.dumps(result, indent=2))
+    if not args.smoke:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""CI runs the benchmarks' short smoke versions only (the full runs' results are committed in benchmarks/results)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from .processes import ROOT
+
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_training_study_smoke(tmp_path) -> None:
+    import run as bench
+
+    bench.main(["--study", "schedule", "--smoke", "--results_dir", str(tmp_path)])
+    data = json.loads((tmp_path / "schedule.json").read_text())
+    assert data["smoke"] and len(data["runs"]) == 4
+    assert {r["schedule"] for r in data["runs"]} == {"step", "cycle"}
+    assert all(r["max_rss_mb"] > 0 and r["adapter_params_end"] > 0 for r in data["runs"])
+    assert (tmp_path / "schedule.png").is_file()
+
+
+@pytest.mark.slow
+def test_step_cost_and_allocation_overhead_smoke() -> None:
+    import alloc_overhead
+    import step_cost
+
+    cost = step_cost.main(["--smoke"])
+    assert set(cost["ratios"]) >= {"geolora_pinned_r8_step / lora_r8", "geolora_adaptive / adalora"}
+    assert all(v > 0 for v in cost["median_step_s"].values())
+    overhead = alloc_overhead.main(["--smoke", "--device", "cpu"])
+    assert [r["adapters"] for r in overhead["runs"]] == [12, 12]  # 6 per layer, 2 layers
+    assert all(0 < r["alloc_fraction_of_step"] < 1 for r in overhead["runs"])
