@@ -34,7 +34,7 @@ TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query_proj|key_proj|value_
 def deberta_v3_base(smoke: bool) -> DebertaV2Config:
     if smoke:
         return DebertaV2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                               vocab_size=1000, relative_attention=True, pos_att_type=["p2c", "c2p"])  # fmt: skip
+                               vocab_size=1000, relative_attention=True, pos_att_type=["p2c", "c2p"], num_labels=3)  # fmt: skip
     return DebertaV2Config(
         vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
         max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",

@@ -43,7 +43,13 @@ def build(name: str, path: str, total_steps: int):
         config = LoraConfig(r=8, lora_alpha=16, **common)
     elif name == "adalora":
         config = AdaLoraConfig(
-            init_r=12, target_r=8, lora_alpha=16, total_step=total_steps, tinit=2, tfinal=2, **common
+            init_r=12,
+            target_r=8,
+            lora_alpha=16,
+            total_step=total_steps,
+            tinit=min(2, total_steps // 4),
+            tfinal=min(2, total_steps // 4),
+            **common,
         )
     elif name == "geolora_pinned_r8_step":
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, schedule="step", **common)
