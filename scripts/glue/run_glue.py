@@ -130,10 +130,10 @@ def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
     """Active adapter parameters: Σ r (m + n + r) for GeoLoRA; the unmasked triplets for AdaLoRA; all for LoRA."""
     if method == "geolora":
         return sum(
-            r * (layer.in_features + layer.out_features + r)
+            layer.num_active_parameters(adapter)
             for layer in model.modules()
             if isinstance(layer, peft_geolora.GeoLoraLayer)
-            for r in layer.rank.values()
+            for adapter in layer.rank
         )
     if method == "adalora":  # kept triplets: AdaLoRA's rank_pattern once it has masked, init_r per layer before
         config = model.peft_config["default"]

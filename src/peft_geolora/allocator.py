@@ -184,7 +184,7 @@ class RankAllocator:
 
         self.num_steps = 0
         self._num_truncations = 0
-        self._snapshot: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+        self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
         self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
         self._pending = False
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
@@ -247,9 +247,14 @@ class RankAllocator:
     @torch.no_grad()
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Snapshot the factors; if an adapter gradient is not finite, snapshot the optimizer state too."""
-        self._snapshot = [(a.U.detach().clone(), a.S.detach().clone(), a.V.detach().clone()) for a in self.adapters]
         grads = [p.grad for p in self._factor_params() if p.grad is not None]
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
+        # when the step is undone.
+        self._snapshot = [
+            (a.U.detach().clone(), None if finite else a.S.detach().clone(), a.V.detach().clone())
+            for a in self.adapters
+        ]
         self._state_snapshot = None
         if not finite:
             self._state_snapshot = {
@@ -550,7 +555,7 @@ class RankAllocator:
 
     def num_adapter_parameters(self) -> int:
         """Trainable adapter parameters at the current ranks: Σ r (m + n + r)."""
-        return sum(a.rank * (a.U.shape[0] + a.V.shape[0] + a.rank) for a in self.adapters)
+        return sum(a.layer.num_active_parameters(a.adapter) for a in self.adapters)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs beyond the adapter weights: the step count and the rank history."""

@@ -145,6 +145,11 @@ class GeoLoraLayer(BaseTunerLayer):
             self.geolora_V[adapter_name][:, :r],
         )
 
+    def num_active_parameters(self, adapter_name: str) -> int:
+        """Trainable parameters at the active rank r: ``r (m + n + r)`` (U, V and a full S)."""
+        r = self.rank[adapter_name]
+        return r * (self.out_features + self.in_features + r)
+
     def mark_allocated(self, adapter_name: str) -> None:
         """Record that the allocator (or creation/loading) has just written this adapter's factors."""
         self._seen_version[adapter_name] = self.geolora_U[adapter_name]._version
