@@ -1,10 +1,13 @@
 """Side-by-side benchmarks of GeoLoRA, LoRA and AdaLoRA on the offline task (MiniLM-L6, Rotten-Tomatoes snippets).
 
-    python benchmarks/run.py --study lr          # 4: learning-rate robustness (run first: it picks each method's lr)
-    python benchmarks/run.py --study quality     # 1: accuracy and adapter size, 3 seeds, each method at its best lr
-    python benchmarks/run.py --study init_rank   # 5: initial-rank invariance
-    python benchmarks/run.py --study schedule    # 6: every-step schedule vs cycle
-    python benchmarks/run.py --study all --smoke # CI: every training study with a few steps
+    python benchmarks/run.py --study lr               # 4: learning-rate robustness (run first: it picks each method's lr)
+    python benchmarks/run.py --study quality          # 1: accuracy and adapter size, 3 seeds, each method at its best lr
+    python benchmarks/run.py --study init_rank        # 5: initial-rank invariance (300 steps)
+    python benchmarks/run.py --study init_rank_long   # 5b: r0 = 1, 8, 32 over two epochs (1070 steps)
+    python benchmarks/run.py --study init_rank_budget # 5c: initial ranks under a global parameter budget
+    python benchmarks/run.py --study lr_bases         # 4b: GeoLoRA with its bases at lr/10 (ablation)
+    python benchmarks/run.py --study schedule         # 6: every-step schedule vs cycle
+    python benchmarks/run.py --study all --smoke      # CI: every training study with a few steps
 
 Every training run is ``scripts/glue/run_glue.py`` in its own process (same data order, steps, seeds and
 evaluation for every method; adapters on every Linear inside the encoder, the pooler excluded), so its peak memory
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +37,9 @@ CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora")
 LRS = (1e-4, 5e-4, 2e-3, 5e-3, 2e-2)
 DEFAULT_LR = {"geolora": 5e-3, "lora": 5e-4, "adalora": 2e-3}
+# The lr study's ablation: GeoLoRA with its bases U, V at a tenth of the learning rate (S at the full rate).
+SLOW_BASES = "geolora, bases at lr/10"
+LONG_STEPS = 1070  # two epochs of the offline task's 8,566 training snippets at batch 16
 
 
 def run(method: str, overrides: list[str], smoke: bool) -> dict[str, Any]:
@@ -64,11 +70,30 @@ def run(method: str, overrides: list[str], smoke: bool) -> dict[str, Any]:
         "cpu_over_wall": results["cpu_over_wall"],
         "max_rss_mb": results["max_rss_mb"],
         "ranks": results["ranks"],
+        "total_rank_by_step": total_rank_by_step(results),
         "diverged": results["final_train_loss"] is None or not math.isfinite(results["final_train_loss"]),
     }
     summary["collapsed"] = accuracy < 0.55  # chance level on this balanced binary task is about 0.5
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}), flush=True)
     return summary
+
+
+def total_rank_by_step(results: dict[str, Any]) -> Optional[list[list[int]]]:
+    """GeoLoRA: [step, Σ kept ranks] after every rank change (from the per-layer rank history), else None."""
+    history = results.get("rank_history")
+    if not history:
+        return None
+    initial = results["config"]["geolora"].get("r", 8)
+    current = dict.fromkeys(history, initial)
+    events = sorted((step, name, rank) for name, changes in history.items() for step, rank in changes)
+    trajectory = [[0, sum(current.values())]]
+    for step, name, rank in events:
+        current[name] = rank
+        if trajectory[-1][0] == step:
+            trajectory[-1][1] = sum(current.values())
+        else:
+            trajectory.append([step, sum(current.values())])
+    return trajectory
 
 
 def best_lrs() -> dict[str, float]:
@@ -105,14 +130,41 @@ def study_quality(smoke: bool) -> dict[str, Any]:
     return {"runs": runs, "table": table}
 
 
-def study_init_rank(smoke: bool) -> dict[str, Any]:
+def study_lr_bases(smoke: bool) -> dict[str, Any]:
+    """Ablation beside study 4: GeoLoRA with its bases at lr/10 (``basis_lr_scale=0.1``), same grid and steps."""
+    runs = [
+        run("geolora", [f"lr={lr}", "max_steps=150", "basis_lr_scale=0.1"], smoke) | {"lr": lr, "method": SLOW_BASES}
+        for lr in LRS
+    ]
+    return {"runs": runs, "steps": 150}
+
+
+def study_init_rank(
+    smoke: bool, steps: int = 300, r0s: tuple[int, ...] = (1, 2, 4, 8, 16, 32), extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     lr = best_lrs()["geolora"]
     runs = [
-        run("geolora", [f"lr={lr}", f"geolora.r={r}", "geolora.max_rank=32"], smoke) | {"r0": r}
-        for r in (1, 2, 4, 8, 16, 32)
+        run("geolora", [f"lr={lr}", f"geolora.r={r}", "geolora.max_rank=32", f"max_steps={steps}", *extra], smoke)
+        | {"r0": r}
+        for r in r0s
     ]
     params = [r["adapter_params_end"] for r in runs]
-    return {"runs": runs, "params_spread_vs_mean": (max(params) - min(params)) / statistics.mean(params)}
+    return {
+        "runs": runs,
+        "steps": steps,
+        "params_spread_vs_mean": (max(params) - min(params)) / statistics.mean(params),
+        "params_max_over_min": max(params) / min(params),
+    }
+
+
+def study_init_rank_long(smoke: bool) -> dict[str, Any]:
+    """Study 5 over two epochs, for the smallest, default and largest initial rank."""
+    return study_init_rank(smoke, steps=LONG_STEPS, r0s=(1, 8, 32))
+
+
+def study_init_rank_budget(smoke: bool) -> dict[str, Any]:
+    """Study 5 with a global parameter budget (``budget=150000``, ``budget_unit=params``) instead of the tau rule."""
+    return study_init_rank(smoke, extra=("geolora.budget=150000", "geolora.budget_unit=params")) | {"budget": 150000}
 
 
 def study_schedule(smoke: bool) -> dict[str, Any]:
@@ -125,7 +177,15 @@ def study_schedule(smoke: bool) -> dict[str, Any]:
     return {"runs": runs}
 
 
-STUDIES = {"lr": study_lr, "quality": study_quality, "init_rank": study_init_rank, "schedule": study_schedule}
+STUDIES = {
+    "lr": study_lr,
+    "quality": study_quality,
+    "init_rank": study_init_rank,
+    "init_rank_long": study_init_rank_long,
+    "init_rank_budget": study_init_rank_budget,
+    "lr_bases": study_lr_bases,
+    "schedule": study_schedule,
+}
 
 
 def machine() -> dict[str, Any]:
@@ -148,10 +208,13 @@ def plot(study: str, data: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = data["runs"]
-    if study == "lr":
-        for m in METHODS:
+    if study in ("lr", "lr_bases"):
+        if study == "lr_bases" and (path.parent / "lr.json").is_file():  # beside the main study's curves
+            runs = json.loads((path.parent / "lr.json").read_text())["runs"] + runs
+        for m in (*METHODS, SLOW_BASES):
             mine = [r for r in runs if r["method"] == m]
-            ax.plot([r["lr"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=m)
+            style = "--" if m == SLOW_BASES else "-"
+            ax.plot([r["lr"] for r in mine], [r["accuracy"] for r in mine], style, marker="o", label=m)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("validation accuracy")
@@ -161,7 +224,7 @@ def plot(study: str, data: dict[str, Any], path: Path) -> None:
             ax.scatter([r["adapter_params_end"] for r in mine], [r["accuracy"] for r in mine], label=m)
         ax.set_xlabel("adapter parameters at the end")
         ax.set_ylabel("validation accuracy")
-    elif study == "init_rank":
+    elif study in ("init_rank", "init_rank_budget"):
         ax.plot([r["r0"] for r in runs], [r["adapter_params_end"] for r in runs], marker="o", label="params at end")
         ax.plot(
             [r["r0"] for r in runs], [r["adapter_params_start"] for r in runs], marker="x", label="params at start"
@@ -169,6 +232,13 @@ def plot(study: str, data: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("initial rank")
         ax.set_ylabel("adapter parameters")
+    elif study == "init_rank_long":
+        for r in runs:
+            trajectory = r["total_rank_by_step"] + [[data["steps"], r["total_rank_by_step"][-1][1]]]
+            ax.step([t for t, _ in trajectory], [k for _, k in trajectory], where="post", label=f"r0 = {r['r0']}")
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("total kept rank (36 layers)")
     else:
         for schedule in ("step", "cycle"):
             mine = [r for r in runs if r["schedule"] == schedule]

@@ -243,3 +243,24 @@ def test_two_processes_on_the_default_task(tmp_path: Path) -> None:
     assert results["ranks_agree_across_processes"]
     base = AutoModelForSequenceClassification.from_pretrained(run_glue.resolve_model_path(run_glue.OFFLINE_MODEL))
     PeftModel.from_pretrained(base, tmp_path / "ddp" / "adapter")
+
+
+def test_basis_lr_scale_puts_the_bases_in_their_own_group() -> None:
+    from peft import get_peft_model
+
+    from peft_geolora import GeoLoraConfig
+
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    model = get_peft_model(base, GeoLoraConfig(r=2, max_rank=2, target_modules=["0", "2"]))
+    optimizer = run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": 0.1})
+    bases = {id(p) for n, p in model.named_parameters() if ".geolora_U." in n or ".geolora_V." in n}
+    assert len(bases) == 4
+    others, scaled = optimizer.param_groups
+    assert {id(p) for p in scaled["params"]} == bases and scaled["lr"] == pytest.approx(1e-3)
+    assert others["lr"] == 1e-2 and len(others["params"]) == 2  # the two S factors
+    default = run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2})
+    assert [g["lr"] for g in default.param_groups] == [1e-2, 1e-2]
+    with pytest.raises(SystemExit, match="GeoLoRA's bases only"):
+        run_glue.build_optimizer(model, {"method": "lora", "lr": 1e-2, "basis_lr_scale": 0.5})
+    with pytest.raises(SystemExit, match="positive number"):
+        run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": 0})

@@ -191,6 +191,25 @@ def score(task: Task, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return METRICS[task.metric](pred, ref)
 
 
+def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; GeoLoRA's bases ``U``, ``V`` at ``lr × basis_lr_scale`` (default 1).
+
+    A ``basis_lr_scale`` below 1 shrinks the optimizer's proposed basis moves, hence the new directions'
+    coefficients at each augmentation, while ``S`` keeps the full rate (the learning-rate study's ablation).
+    """
+    lr, scale = float(config["lr"]), float(config.get("basis_lr_scale", 1.0))
+    if not (math.isfinite(scale) and scale > 0):
+        raise SystemExit(f"basis_lr_scale must be a positive number, got {scale!r}.")
+    if scale != 1.0 and config["method"] != "geolora":
+        raise SystemExit(f"basis_lr_scale applies to GeoLoRA's bases only; remove it for method {config['method']!r}.")
+    bases, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (bases if ".geolora_U." in name or ".geolora_V." in name else others).append(p)
+    groups = [{"params": others}] + ([{"params": bases, "lr": lr * scale}] if bases else [])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.get("weight_decay", 0.0))
+
+
 def train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps):
     """The accelerate loop; returns (model, allocator, metrics, losses, step_times, steps)."""
     method = config["method"]
@@ -199,11 +218,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
         split: DataLoader(data[split], batch_size=config.get("eval_batch_size", 64), collate_fn=collate)
         for split in task.validation_splits
     }
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=float(config["lr"]),
-        weight_decay=config.get("weight_decay", 0.0),
-    )
+    optimizer = build_optimizer(model, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     model, optimizer, train_loader, scheduler, *eval_list = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders.values()
@@ -275,7 +290,18 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
         use_cpu=not torch.cuda.is_available(),
     )
     callbacks = [callback] if config["method"] != "lora" else []
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collate, callbacks=callbacks)
+    optimizers = (None, None)
+    if float(config.get("basis_lr_scale", 1.0)) != 1.0:
+        optimizer = build_optimizer(model, config)
+        optimizers = (optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        data_collator=collate,
+        callbacks=callbacks,
+        optimizers=optimizers,
+    )
     t0 = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - t0
