@@ -36,3 +36,28 @@ def test_step_cost_and_allocation_overhead_smoke() -> None:
     overhead = alloc_overhead.main(["--smoke", "--device", "cpu"])
     assert [r["adapters"] for r in overhead["runs"]] == [12, 12]  # 6 per layer, 2 layers
     assert all(0 < r["alloc_fraction_of_step"] < 1 for r in overhead["runs"])
+
+
+def test_total_rank_trajectory_follows_the_rank_history() -> None:
+    import run as bench
+
+    results = {
+        "config": {"geolora": {"r": 4}},
+        "rank_history": {"a": [[4, 2], [8, 3]], "b": [[4, 6]], "c": []},
+    }
+    assert bench.total_rank_by_step(results) == [[0, 12], [4, 12], [8, 13]]
+    assert bench.total_rank_by_step({"rank_history": None}) is None
+
+
+@pytest.mark.slow
+def test_initial_rank_study_smoke_records_trajectories(tmp_path) -> None:
+    import run as bench
+
+    bench.main(["--study", "init_rank_long", "--smoke", "--results_dir", str(tmp_path)])
+    data = json.loads((tmp_path / "init_rank_long.json").read_text())
+    assert [r["r0"] for r in data["runs"]] == [1, 8, 32]
+    for r in data["runs"]:
+        trajectory = r["total_rank_by_step"]
+        assert trajectory[0] == [0, 36 * r["r0"]]  # 36 adapted layers at the initial rank
+        assert trajectory[-1][1] == sum(r["ranks"].values())
+    assert data["params_max_over_min"] >= 1 and (tmp_path / "init_rank_long.png").is_file()
