@@ -40,6 +40,7 @@ DEFAULT_LR = {"geolora": 5e-3, "lora": 5e-4, "adalora": 2e-3}
 # The lr study's ablation: GeoLoRA with its bases U, V at a tenth of the learning rate (S at the full rate).
 SLOW_BASES = "geolora, bases at lr/10"
 LONG_STEPS = 1070  # two epochs of the offline task's 8,566 training snippets at batch 16
+BUDGET = 150_000  # the budgeted initial-rank study's parameter budget (about 45 % of LoRA r=8's 331,776)
 
 
 def run(method: str, overrides: list[str], smoke: bool) -> dict[str, Any]:
@@ -83,8 +84,7 @@ def total_rank_by_step(results: dict[str, Any]) -> Optional[list[list[int]]]:
     history = results.get("rank_history")
     if not history:
         return None
-    initial = results["config"]["geolora"].get("r", 8)
-    current = dict.fromkeys(history, initial)
+    current = dict(results["initial_ranks"])
     events = sorted((step, name, rank) for name, changes in history.items() for step, rank in changes)
     trajectory = [[0, sum(current.values())]]
     for step, name, rank in events:
@@ -163,8 +163,10 @@ def study_init_rank_long(smoke: bool) -> dict[str, Any]:
 
 
 def study_init_rank_budget(smoke: bool) -> dict[str, Any]:
-    """Study 5 with a global parameter budget (``budget=150000``, ``budget_unit=params``) instead of the tau rule."""
-    return study_init_rank(smoke, extra=("geolora.budget=150000", "geolora.budget_unit=params")) | {"budget": 150000}
+    """Study 5 with a global parameter budget (``BUDGET`` parameters, ``budget_unit=params``) instead of the tau rule."""
+    return study_init_rank(smoke, extra=(f"geolora.budget={BUDGET}", "geolora.budget_unit=params")) | {
+        "budget": BUDGET
+    }
 
 
 def study_schedule(smoke: bool) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def test_total_rank_trajectory_follows_the_rank_history() -> None:
     import run as bench
 
     results = {
-        "config": {"geolora": {"r": 4}},
+        "initial_ranks": {"a": 4, "b": 4, "c": 4},
         "rank_history": {"a": [[4, 2], [8, 3]], "b": [[4, 6]], "c": []},
     }
     assert bench.total_rank_by_step(results) == [[0, 12], [4, 12], [8, 13]]

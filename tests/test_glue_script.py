@@ -264,3 +264,6 @@ def test_basis_lr_scale_puts_the_bases_in_their_own_group() -> None:
         run_glue.build_optimizer(model, {"method": "lora", "lr": 1e-2, "basis_lr_scale": 0.5})
     with pytest.raises(SystemExit, match="positive number"):
         run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": 0})
+    with pytest.raises(SystemExit, match="positive number"):
+        run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": "fast"})
+    assert run_glue.basis_lr_scale({"method": "geolora", "basis_lr_scale": "1e-1"}) == pytest.approx(0.1)

@@ -191,17 +191,27 @@ def score(task: Task, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return METRICS[task.metric](pred, ref)
 
 
+def basis_lr_scale(config: dict[str, Any]) -> float:
+    """The config's ``basis_lr_scale`` (default 1), checked: a positive number, and only for GeoLoRA."""
+    value = config.get("basis_lr_scale", 1.0)
+    try:
+        scale = float(value)  # YAML reads 1e-1 (no dot) as a string, as it does for lr
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise SystemExit(f"basis_lr_scale must be a positive number, got {value!r}.")
+    if scale != 1.0 and config["method"] != "geolora":
+        raise SystemExit(f"basis_lr_scale applies to GeoLoRA's bases only; remove it for method {config['method']!r}.")
+    return scale
+
+
 def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; GeoLoRA's bases ``U``, ``V`` at ``lr × basis_lr_scale`` (default 1).
 
     A ``basis_lr_scale`` below 1 shrinks the optimizer's proposed basis moves, hence the new directions'
     coefficients at each augmentation, while ``S`` keeps the full rate (the learning-rate study's ablation).
     """
-    lr, scale = float(config["lr"]), float(config.get("basis_lr_scale", 1.0))
-    if not (math.isfinite(scale) and scale > 0):
-        raise SystemExit(f"basis_lr_scale must be a positive number, got {scale!r}.")
-    if scale != 1.0 and config["method"] != "geolora":
-        raise SystemExit(f"basis_lr_scale applies to GeoLoRA's bases only; remove it for method {config['method']!r}.")
+    lr, scale = float(config["lr"]), basis_lr_scale(config)
     bases, others = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -291,7 +301,7 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
     )
     callbacks = [callback] if config["method"] != "lora" else []
     optimizers = (None, None)
-    if float(config.get("basis_lr_scale", 1.0)) != 1.0:
+    if basis_lr_scale(config) != 1.0:
         optimizer = build_optimizer(model, config)
         optimizers = (optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps))
     trainer = Trainer(
@@ -417,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "lora_r8_params_same_layers": count_lora_parameters(model, 8) if method == "geolora" else None,
         "ranks": allocator.ranks() if allocator else None,
+        "initial_ranks": initial_ranks if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
         "steps": steps,
         "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
