@@ -49,7 +49,7 @@ def _fit(model, targets, allocator, optimizer, steps: int, after_step=None) -> N
 
 def _two_layer_model(**config):
     config.setdefault("r", 4)
-    config.setdefault("lora_alpha", config["r"])
+    config.setdefault("lora_alpha", 1.0)
     config.setdefault("max_rank", 8)
     torch.manual_seed(0)
     return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], **config))
@@ -106,8 +106,9 @@ def test_warmup_and_freeze_fix_the_ranks() -> None:
     assert all(step > 5 and step <= 12 for events in history.values() for step, _ in events)
 
 
-def test_non_finite_step_is_undone_bit_for_bit() -> None:
-    model = _two_layer_model(schedule="step")
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
+def test_non_finite_step_is_undone_bit_for_bit(step_rule: str) -> None:
+    model = _two_layer_model(schedule="step", step_rule=step_rule)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -115,6 +116,7 @@ def test_non_finite_step_is_undone_bit_for_bit() -> None:
     _fit(model, targets, allocator, optimizer, steps=3)
     before = [p.detach().clone() for p in params]
     state_before = {i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params)}
+    allocator_before = allocator.state_dict()
     ranks_before = allocator.ranks()
 
     eye = torch.eye(24)
@@ -129,6 +131,10 @@ def test_non_finite_step_is_undone_bit_for_bit() -> None:
     for i, p in enumerate(params):
         assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state_before[i].items())
     assert allocator.ranks() == ranks_before
+    if step_rule == "coefficient":
+        saved, now = allocator_before["coefficient"], allocator.state_dict()["coefficient"]
+        assert saved["num_steps"] == now["num_steps"]
+        assert all(torch.equal(saved["tensors"][k], now["tensors"][k]) for k in saved["tensors"])
     _fit(model, targets, allocator, optimizer, steps=3)  # the run continues
     assert all(torch.isfinite(p).all() for p in params)
 
@@ -170,9 +176,10 @@ def test_missing_allocator_warns_once_with_the_fix() -> None:
     assert "RankAllocator(model, optimizer)" in messages[0] and "allocator.step()" in messages[0]
 
 
-def test_weight_decay_on_the_bases_keeps_them_orthonormal() -> None:
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
+def test_weight_decay_on_the_bases_keeps_them_orthonormal(step_rule: str) -> None:
     """The Trainer's AdamW decays U and V too: only the part of the move orthogonal to the bases counts."""
-    model = _two_layer_model(schedule="step")
+    model = _two_layer_model(schedule="step", step_rule=step_rule)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
     allocator = RankAllocator(model, optimizer)
@@ -183,35 +190,48 @@ def test_weight_decay_on_the_bases_keeps_them_orthonormal() -> None:
             assert orthonormality_error(U.detach()) < 1e-5 and orthonormality_error(V.detach()) < 1e-5
 
 
-def test_optimizer_state_follows_the_rotation() -> None:
-    """Momentum of S, seen as the matrix U m_S Vᵀ, is carried into the new bases (projected onto them)."""
-    model = _two_layer_model(schedule="step", tau=0.0)
-    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+def test_coefficient_rule_leaves_the_factors_out_of_the_optimizer() -> None:
+    """The optimizer steps the rest of the model and keeps no state for U, S, V; their grads are consumed."""
+    model = _two_layer_model(schedule="cycle", cycle_length=2)
+    head = nn.Parameter(torch.ones(3))
+    factors = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([*factors, head], lr=1e-2, weight_decay=0.1)
     allocator = RankAllocator(model, optimizer)
-    _fit(model, targets, allocator, optimizer, steps=3)
-    layer = model.base_model.model.a
-    U, S, V = layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"]
-
-    eye = torch.eye(24)
-    ya, yb = model(eye)
-    (0.5 * ((ya - targets[0].T).square().sum() + (yb - targets[1].T).square().sum())).backward()
-    U0, V0 = U.detach().clone(), V.detach().clone()
-    optimizer.step()
-    momentum_before = U0 @ optimizer.state[S]["momentum_buffer"] @ V0.T  # (m, n) in the old bases
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    _fit(model, targets, allocator, optimizer, steps=7)
+    assert all(p not in optimizer.state for p in factors)
+    head.grad = torch.ones(3)
+    optimizer.step()  # the optimizer still steps what is not an adapter factor
     allocator.step()
-    optimizer.zero_grad()
+    assert head.detach().lt(1).all() and head in optimizer.state
+    assert allocator.state_dict()["coefficient"]["num_steps"] == 8
+
+
+def test_coefficient_moment_follows_the_truncation() -> None:
+    """The first moment, seen as the matrix Û M V̂ᵀ, is carried exactly onto the kept directions (projected)."""
+    model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, max_rank=4)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=6)  # mid-cycle: augmented, not yet truncated
+    assert allocator.is_augmented()
+    layer = model.base_model.model.a
+    index = [a.layer for a in allocator.adapters].index(layer)
+    state = allocator._coefficients
     r = layer.rank["default"]
-    U1, V1 = U[:, :r].detach(), V[:, :r].detach()
-    momentum_after = U @ optimizer.state[S]["momentum_buffer"] @ V.T
-    expected = U1 @ U1.T @ momentum_before @ V1 @ V1.T
-    torch.testing.assert_close(momentum_after.detach(), expected, atol=1e-5, rtol=1e-4)
-    for key in ("momentum_buffer",):
-        for p in (U, S, V):
-            state = optimizer.state[p][key]
-            assert state[..., r:].abs().max() == 0  # inactive capacity stays zero in the state too
+    U, _, V = (t.detach().clone() for t in layer.active_factors("default"))
+    before = U @ state.exp_avg[index][:r, :r] @ V.T  # (m, n)
+    allocator.finish()
+    r1 = layer.rank["default"]
+    U1, _, V1 = (t.detach() for t in layer.active_factors("default"))
+    after = U1 @ state.exp_avg[index][:r1, :r1] @ V1.T
+    torch.testing.assert_close(after, U1 @ U1.T @ before @ V1 @ V1.T, atol=1e-6, rtol=1e-5)
+    assert state.exp_avg[index][r1:, :].abs().max() == 0 and state.exp_avg[index][:, r1:].abs().max() == 0
 
 
+def test_optimizer_state_follows_the_rotation() -> None:
+    """step_rule="optimizer": momentum of S, seen as the matrix U m_S Vᵀ, is carried into the new bases."""
+    model = _two_layer_model(schedule="step", tau=0.0, step_rule="optimizer")
 def test_bad_optimizer_and_model_are_refused() -> None:
     model = _two_layer_model()
     with pytest.raises(ValueError, match="does not update the GeoLoRA factors"):

@@ -90,9 +90,30 @@ def test_rank_is_clamped_per_layer_and_scale_is_fixed() -> None:
     model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"], r=8, max_rank=8, lora_alpha=4))
     layer = model.base_model.model.lin
     assert layer.rank["default"] == 2 and layer.capacity["default"] == 2  # min(in=4, out=2)
-    assert layer.scaling["default"] == 4 / 8
+    assert layer.scaling["default"] == 4.0
+    assert model.peft_config["default"].scaling == 4.0  # recorded in the config, hence in adapter_config.json
     layer.set_rank("default", 1)
-    assert layer.scaling["default"] == 4 / 8  # never follows the current rank
+    assert layer.scaling["default"] == 4.0  # never follows the current rank
+
+
+@pytest.mark.parametrize("r", [1, 2, 8])
+def test_scale_does_not_depend_on_the_initial_rank(r: int) -> None:
+    model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"], r=r, max_rank=8))
+    assert model.base_model.model.lin.scaling["default"] == GeoLoraConfig().lora_alpha
+
+
+def test_a_config_saved_by_0_1_0_keeps_its_scale(tmp_path) -> None:
+    """0.1.0 wrote rank_pattern but no `scaling` and computed with lora_alpha / r: that is what it loads with."""
+    config = GeoLoraConfig(target_modules=["lin"], r=8, max_rank=8, lora_alpha=4)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["scaling"] == 4.0
+    for key in ("scaling", "step_rule", "growth_tol"):
+        saved.pop(key)
+    saved["rank_pattern"] = {"lin": 2}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert GeoLoraConfig.from_pretrained(tmp_path).scaling == 4 / 8
+    assert PeftConfig.from_pretrained(tmp_path).scaling == 4 / 8
 
 
 def test_tuner_class_is_the_registered_one() -> None:

@@ -1,27 +1,21 @@
-"""``RankAllocator``: after each optimizer step, advance every GeoLoRA adapter and apply the rank rule.
+"""``RankAllocator``: advance every GeoLoRA adapter at each optimizer step and apply the rank rule.
 
-Data flow: batch → forward/backward (the layer exposes the K-, L- and S-gradients) → ``optimizer.step()`` (the
-user's optimizer proposes ``U⁺``, ``S⁺``, ``V⁺``) → :meth:`RankAllocator.step` (augment, SVD, truncate with
-:mod:`peft_geolora.integrator`) → factors rewritten in place → next batch. The allocator is the only thing that
-changes ranks.
+Data flow: batch → forward/backward (the layer exposes the K-, L- and S-gradients) → ``optimizer.step()`` →
+:meth:`RankAllocator.step` (augment, step the coefficients, SVD, truncate, with :mod:`peft_geolora.integrator`) →
+factors rewritten in place → next batch. The allocator is the only thing that changes ranks.
+
+Step rules (``step_rule``):
+
+* ``"coefficient"`` (default): a pre-step hook on the optimizer takes the adapter gradients (so the optimizer
+  skips ``U``, ``S``, ``V`` and keeps no state for them) and :meth:`RankAllocator.step` steps the augmented
+  coefficient matrix with the optimizer's current hyperparameters (:mod:`peft_geolora.coefficient_optimizer`).
+* ``"optimizer"`` (0.1.0): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
+  and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`).
 
 Schedules (``schedule``, ``cycle_length`` = c): the optimizer steps are grouped in cycles of c + 1. At the first
-step of a cycle the bases are augmented with the optimizer's proposed directions; at the other steps only ``S``
-trains (the optimizer's moves of ``U`` and ``V`` are undone); at the last step of a cycle the augmented adapter is
-truncated. ``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1).
-
-Optimizer-state policy: when the bases change, the optimizer state of ``U``, ``S``, ``V`` is carried into the new
-coordinates instead of being reset. Augmentation keeps the old columns, so their state is kept and the new
-columns start from zero. Truncation rotates the coefficients by the small SVD ``Ŝ = P Σ Qᵀ``; the gradients then
-transform as ``∇S → Pᵀ ∇S Q``, ``∇U = G V → (G V) Q``, ``∇V = Gᵀ U → (Gᵀ U) P``. First moments (``exp_avg``,
-``momentum_buffer``) follow these linear maps exactly; second moments (``exp_avg_sq``, ``max_exp_avg_sq``) follow
-the same maps with every entry squared, which is exact when the rotation is a signed permutation (the usual case
-for a small step) and always keeps them non-negative. Other per-parameter state is reset to zero (with a warning).
-Inactive capacity is zero in the factors and in the state.
-
-Weight decay: the optimizer may decay ``U`` and ``V`` (the Trainer's AdamW does): only the components of the
-proposed change orthogonal to the current bases enter the new factors, so decay along the bases is discarded and
-``U``, ``V`` stay orthonormal. Decay of ``S`` acts as an ordinary decay of the adapter.
+step of a cycle the bases are augmented with the new directions of the gradient; at the other steps only the
+coefficients train on the augmented basis; at the last step of a cycle the augmented adapter is truncated.
+``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1).
 """
 
 from __future__ import annotations
@@ -36,13 +30,19 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import integrator
+from . import integrator, optimizer_state
+from .coefficient_optimizer import (
+    CoefficientState,
+    StepHyperparameters,
+    group_index_of,
+    optimizer_kind,
+    read_hyperparameters,
+)
 from .config import GeoLoraConfig
+from .distributed import broadcast_ints, broadcast_tensors, is_distributed, peer_failure_message
 from .layer import GeoLoraLayer
 
 
-LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
-QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 # At the first truncation and then every this many, the augmented bases are re-orthonormalised (QR, folded into S):
 # this removes the rounding of factors that were created in a low-precision base model's dtype before PEFT upcast
 # them, and the drift that repeated rotations accumulate (about 1e-8 per rotation in fp32).
@@ -58,6 +58,8 @@ ALLOCATOR_OPTIONS = (
     "cycle_length",
     "warmup_steps",
     "freeze_step",
+    "step_rule",
+    "growth_tol",
 )
 
 
@@ -93,6 +95,23 @@ class _Adapter:
         return self.U, self.S, self.V
 
 
+@dataclass
+class _Pending:
+    """A batch of equally shaped adapters between the step and the rewrite (leading dimension B = len(members)).
+
+    ``U`` (B, m, k), ``S`` (B, k, k), ``V`` (B, n, k); with the coefficient rule also the first moment ``M``
+    (B, k, k), the second moment ``v`` (B,) and the coefficients at the cycle's start ``S0`` (B, k, k).
+    """
+
+    members: list[int]
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    M: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    S0: Optional[torch.Tensor] = None
+
+
 def _unwrap_peft_model(model: nn.Module) -> nn.Module:
     """Strip DDP / accelerate wrappers; return the module that owns the GeoLoRA layers."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
@@ -111,8 +130,13 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _pad(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, r, r) → (B, r + k, r + k), zeros in the new rows and columns."""
+    return torch.nn.functional.pad(x, (0, k, 0, k))
+
+
 class RankAllocator:
-    """Drives the GeoLoRA integrator after every optimizer step and decides the ranks.
+    """Drives the GeoLoRA integrator at every optimizer step and decides the ranks.
 
     Usage (plain PyTorch or accelerate)::
 
@@ -128,15 +152,17 @@ class RankAllocator:
     ----------
     model : the ``PeftModel`` (DDP- or accelerate-wrapped is fine)
     optimizer : the optimizer over the trainable parameters (an accelerate ``AcceleratedOptimizer`` is fine);
-        a pre-step hook is registered on it to snapshot the factors and check the gradients.
+        a pre-step hook is registered on it. With ``step_rule="coefficient"`` the hook takes the adapter
+        gradients, so the optimizer steps everything else (heads, biases) and the allocator the adapters, with
+        the optimizer's own learning rate, betas and weight decay.
     adapter_name : which adapter to drive; default: the active adapter
-    sync_processes : in a distributed run, broadcast factors and ranks from process 0 after every rewrite so
-        that all processes hold bit-identical adapters
-    **options : overrides of the config's allocator fields (``tau``, ``budget``, ``schedule``, ...)
+    sync_processes : in a distributed run, broadcast factors, ranks and the coefficient state from process 0
+        after every rewrite so that all processes hold bit-identical adapters
+    **options : overrides of the config's allocator fields (``tau``, ``budget``, ``schedule``, ``step_rule``, ...)
 
     Skipped steps (an fp16 GradScaler overflow, accelerate's accumulation micro-steps) never reach the
-    optimizer's ``step`` and are skipped here too. A step whose adapter gradients are not finite is undone:
-    the factors and their optimizer state are restored bit for bit, with a warning.
+    optimizer's ``step`` and are skipped here too. A step whose adapter gradients are not finite leaves the
+    adapters (and their optimizer state) exactly as they were, with a warning.
     """
 
     def __init__(
@@ -184,17 +210,37 @@ class RankAllocator:
 
         self.num_steps = 0
         self._num_truncations = 0
-        self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
-        self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
         self._pending = False
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
         self._open_cycle = False  # augmented, not yet truncated
         self._warned: set[str] = set()
-        self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
+        # step_rule="optimizer": factors (and, for a non-finite step, optimizer state) before optimizer.step()
+        self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
+        self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
+        # step_rule="coefficient": the gradients taken from the factors, and the hyperparameters of the step
+        self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
+        self._hyper: dict[int, StepHyperparameters] = {}
+        self._coefficients: Optional[CoefficientState] = None
+        if self.uses_coefficient_step:
+            self._kind = optimizer_kind(self.optimizer)
+            self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
+            self._coefficients = CoefficientState(
+                [a.capacity for a in self.adapters],
+                [integrator.compute_dtype(a.S.dtype) for a in self.adapters],
+                [a.S.device for a in self.adapters],
+            )
+            hook = self._take_gradients
+        else:
+            hook = self._snapshot_before_step
+        self._hook = self.optimizer.register_step_pre_hook(hook)
         for a in self.adapters:
             a.layer.integrated[a.adapter] = True
         base_model = getattr(peft_model, "base_model", peft_model)
         base_model.__dict__["_geolora_allocator"] = self
+
+    @property
+    def uses_coefficient_step(self) -> bool:
+        return self.config.step_rule == "coefficient"
 
     # ------------------------------------------------------------------ checks, hooks and bookkeeping
     def _check_parameters_are_whole(self, model: nn.Module) -> None:
@@ -244,11 +290,32 @@ class RankAllocator:
         for a in self.adapters:
             yield from a.parameters()
 
-    @torch.no_grad()
-    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Snapshot the factors; if an adapter gradient is not finite, snapshot the optimizer state too."""
+    def _gradients_finite(self) -> bool:
         grads = [p.grad for p in self._factor_params() if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    @torch.no_grad()
+    def _take_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Coefficient rule: take the adapter gradients away from the optimizer, with its current hyperparameters."""
+        if self._pending:
+            self._warn_once(
+                "missing-step",
+                "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
+                "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
+            )
+        finite = self._gradients_finite()
+        self._grads = [tuple(p.grad for p in a.parameters()) for a in self.adapters] if finite else None
+        for p in self._factor_params():
+            p.grad = None
+        self._hyper = {
+            g: read_hyperparameters(self.optimizer, self._kind, g) for g in sorted(set(self._group_of))
+        }
+        self._pending = True
+
+    @torch.no_grad()
+    def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer rule: snapshot the factors; if an adapter gradient is not finite, the optimizer state too."""
+        finite = self._gradients_finite()
         # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
         # when the step is undone.
         self._snapshot = [
@@ -269,6 +336,14 @@ class RankAllocator:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
+    def _warn_nonfinite(self) -> None:
+        self._warn_once(
+            "nonfinite",
+            f"GeoLoRA: non-finite adapter gradients at optimizer step {self.num_steps}; the adapters were left as "
+            "they were (factors and optimizer state). Lower the learning rate or use gradient clipping if this "
+            "repeats.",
+        )
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> None:
@@ -277,18 +352,25 @@ class RankAllocator:
             return
         self._pending = False
         self.num_steps += 1
-        if self._state_snapshot is not None:
-            self._undo_step()
-            return
-        cycle = self._cycle_length()
-        position = (self.num_steps - 1) % (cycle + 1)
-        if position == 0:
-            self._augment(truncate=(cycle == 0))
+        position = (self.num_steps - 1) % (self._cycle_length() + 1)
+        augment, truncate = position == 0, position == self._cycle_length()
+        if self.uses_coefficient_step:
+            if self._grads is None:
+                self._warn_nonfinite()
+                return
+            self._coefficient_step(augment, truncate)
+            self._grads = None
         else:
-            self._restore_bases()
-            if position == cycle:
-                self._truncate_in_place()
-        self._snapshot = None
+            if self._state_snapshot is not None:
+                self._undo_step()
+                return
+            if augment:
+                self._augment_from_optimizer(truncate=truncate)
+            else:
+                self._restore_bases()
+                if truncate:
+                    self._truncate_in_place()
+            self._snapshot = None
         self._publish()
 
     def _publish(self) -> None:
@@ -320,6 +402,93 @@ class RankAllocator:
         t = self.num_steps
         return t > self.config.warmup_steps and (self.config.freeze_step is None or t <= self.config.freeze_step)
 
+    def _groups(self) -> dict[tuple, list[int]]:
+        """Adapters that can be batched together: equal shapes, rank, capacity, dtype, device and param group."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, a in enumerate(self.adapters):
+            group = self._group_of[i] if self.uses_coefficient_step else 0
+            groups[(a.U.shape[0], a.V.shape[0], a.rank, a.capacity, a.U.dtype, a.U.device, group)].append(i)
+        return groups
+
+    def _stack(self, members: list[int], r: int, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active factors of ``members``: U (B, m, r), S (B, r, r), V (B, n, r) in the compute dtype."""
+        U = torch.stack([self.adapters[i].U[:, :r] for i in members]).to(cd)
+        S = torch.stack([self.adapters[i].S[:r, :r] for i in members]).to(cd)
+        V = torch.stack([self.adapters[i].V[:, :r] for i in members]).to(cd)
+        return U, S, V
+
+    def _stack_gradients(self, members: list[int], r: int, cd: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The gradients taken at the pre-step hook: G V (B, m, r), Uᵀ G V (B, r, r), Gᵀ U (B, n, r); zero if absent."""
+        out = []
+        for f, (rows, cols) in enumerate(((None, r), (r, r), (None, r))):
+            stacked = []
+            for i in members:
+                p = self.adapters[i].parameters()[f]
+                g = self._grads[i][f]
+                g = torch.zeros_like(p) if g is None else g
+                stacked.append(g[:rows, :cols] if rows is not None else g[:, :cols])
+            out.append(torch.stack(stacked).to(cd))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ coefficient rule
+    def _coefficient_step(self, augment: bool, truncate: bool) -> None:
+        """Augment (first step of a cycle), step the coefficients, and truncate (last step of a cycle)."""
+        state = self._coefficients
+        state.num_steps += 1
+        if augment:
+            self._base_ranks = {i: a.rank for i, a in enumerate(self.adapters)}
+        pending: list[_Pending] = []
+        for (m, n, r, capacity, dtype, _, group), members in self._groups().items():
+            cd = integrator.compute_dtype(dtype)
+            U, S, V = self._stack(members, r, cd)
+            GU, GS, GV = self._stack_gradients(members, r, cd)  # G V, Uᵀ G V, Gᵀ U
+            M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
+            v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
+            if augment:
+                U_tilde = integrator.augment_basis(U, GU, max_new=capacity - r)  # (B, m, p)
+                V_tilde = integrator.augment_basis(V, GV, max_new=capacity - r)  # (B, n, q)
+                k = min(U_tilde.shape[-1], V_tilde.shape[-1])  # a side with no room left: keep Ŝ square
+                U_tilde, V_tilde = U_tilde[..., :k], V_tilde[..., :k]
+                G_hat = integrator.assemble_coefficients(GS, U_tilde, GU, V_tilde, GV)  # (B, r + k, r + k)
+                U, V = torch.cat([U, U_tilde], dim=-1), torch.cat([V, V_tilde], dim=-1)
+                S, M = _pad(S, k), _pad(M, k)
+                S0 = S.clone()
+                num_entries = (r + k) ** 2 - k**2  # the lower-right block of Ĝ is zero by construction
+            else:
+                G_hat = GS
+                S0 = torch.stack([state.cycle_start[i][:r, :r] for i in members]).to(cd)
+                num_entries = r * r
+            S, M, v = self._step_coefficients(S, G_hat, M, v, num_entries, self._hyper[group])
+            pending.append(_Pending(members, U, S, V, M, v, S0))
+        if truncate:
+            self._truncate(pending)
+        else:
+            self._open_cycle = True
+            for item in pending:
+                for b, i in enumerate(item.members):
+                    state.store(i, item.M[b], item.v[b], item.S0[b])
+                    self._write(i, item.U[b], item.S[b], item.V[b], record=False)
+
+    def _step_coefficients(
+        self,
+        S: torch.Tensor,
+        G_hat: torch.Tensor,
+        M: torch.Tensor,
+        v: torch.Tensor,
+        num_entries: int,
+        hp: StepHyperparameters,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self._coefficients.num_steps
+        if hp.kind == "adam":
+            return integrator.adaptive_coefficient_step(
+                S, G_hat, M, v, num_entries, t, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.decoupled_weight_decay
+            )
+        S, M = integrator.sgd_coefficient_step(
+            S, G_hat, M, hp.lr, hp.momentum, hp.dampening, hp.nesterov, hp.weight_decay, first_step=(t == 1)
+        )
+        return S, M, v
+
+    # ------------------------------------------------------------------ optimizer rule (0.1.0)
     def _undo_step(self) -> None:
         for a, (U, S, V) in zip(self.adapters, self._snapshot):
             a.U.copy_(U)
@@ -332,11 +501,7 @@ class RankAllocator:
                 self.optimizer.state.pop(p, None)
         self._state_snapshot = None
         self._snapshot = None
-        self._warn_once(
-            "nonfinite",
-            f"GeoLoRA: non-finite adapter gradients at optimizer step {self.num_steps}; the step was undone "
-            "(factors and optimizer state restored). Lower the learning rate or use gradient clipping if this repeats.",
-        )
+        self._warn_nonfinite()
 
     def _restore_bases(self) -> None:
         """S-only step of the cycle schedule: undo the optimizer's moves of U and V."""
@@ -344,93 +509,101 @@ class RankAllocator:
             a.U.copy_(U)
             a.V.copy_(V)
 
-    def _groups(self) -> dict[tuple, list[int]]:
-        """Adapters that can be batched together: equal (m, n, rank, capacity, dtype, device)."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, a in enumerate(self.adapters):
-            groups[(a.U.shape[0], a.V.shape[0], a.rank, a.capacity, a.U.dtype, a.U.device)].append(i)
-        return groups
-
-    def _augment(self, truncate: bool) -> None:
+    def _augment_from_optimizer(self, truncate: bool) -> None:
         """Augment every adapter with the optimizer's proposed directions; optionally truncate at once."""
-        pending: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        pending: list[_Pending] = []
         self._base_ranks = {i: a.rank for i, a in enumerate(self.adapters)}
-        for (m, n, r, capacity, dtype, _), members in self._groups().items():
+        for (m, n, r, capacity, dtype, _, _), members in self._groups().items():
             cd = integrator.compute_dtype(dtype)
             U0 = torch.stack([self._snapshot[i][0][:, :r] for i in members]).to(cd)  # (B, m, r)
             V0 = torch.stack([self._snapshot[i][2][:, :r] for i in members]).to(cd)  # (B, n, r)
-            dU = torch.stack([self.adapters[i].U[:, :r] for i in members]).to(cd) - U0  # (B, m, r)
-            dV = torch.stack([self.adapters[i].V[:, :r] for i in members]).to(cd) - V0  # (B, n, r)
-            S1 = torch.stack([self.adapters[i].S[:r, :r] for i in members]).to(cd)  # (B, r, r)
+            U1, S1, V1 = self._stack(members, r, cd)
+            dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             U_tilde = integrator.augment_basis(U0, dU, max_new=capacity - r)  # (B, m, p)
             V_tilde = integrator.augment_basis(V0, dV, max_new=capacity - r)  # (B, n, q)
-            p, q = U_tilde.shape[-1], V_tilde.shape[-1]
-            if p != q:  # a side with no room left: keep the augmented coefficients square
-                k = min(p, q)
-                U_tilde, V_tilde = U_tilde[..., :k], V_tilde[..., :k]
+            k = min(U_tilde.shape[-1], V_tilde.shape[-1])
+            U_tilde, V_tilde = U_tilde[..., :k], V_tilde[..., :k]
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
-            U_hat = torch.cat([U0, U_tilde], dim=-1)  # (B, m, r + k)
-            V_hat = torch.cat([V0, V_tilde], dim=-1)  # (B, n, r + k)
             for i in members:
-                self._pad_optimizer_state(self.adapters[i], r)
-            pending.append((members, U_hat, S_hat, V_hat))
+                a = self.adapters[i]
+                optimizer_state.pad_state(self.optimizer, a.U, a.S, a.V, r)
+            pending.append(_Pending(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
         if truncate:
             self._truncate(pending)
         else:
             self._open_cycle = True
-            for members, U_hat, S_hat, V_hat in pending:
-                for b, i in enumerate(members):
-                    self._write(i, U_hat[b], S_hat[b], V_hat[b], record=False)
+            for item in pending:
+                for b, i in enumerate(item.members):
+                    self._write(i, item.U[b], item.S[b], item.V[b], record=False)
 
+    # ------------------------------------------------------------------ truncation
     def _truncate_in_place(self) -> None:
         """Truncate the (augmented) adapters as they are: SVD of their coefficient matrices."""
         pending = []
-        for (m, n, r, capacity, dtype, _), members in self._groups().items():
+        state = self._coefficients
+        for (m, n, r, capacity, dtype, _, _), members in self._groups().items():
             cd = integrator.compute_dtype(dtype)
-            U = torch.stack([self.adapters[i].U[:, :r] for i in members]).to(cd)
-            S = torch.stack([self.adapters[i].S[:r, :r] for i in members]).to(cd)
-            V = torch.stack([self.adapters[i].V[:, :r] for i in members]).to(cd)
-            pending.append((members, U, S, V))
+            item = _Pending(members, *self._stack(members, r, cd))
+            if state is not None:
+                item.M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
+                item.v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
+                item.S0 = torch.stack([state.cycle_start[i][:r, :r] for i in members]).to(cd)
+            pending.append(item)
         self._truncate(pending)
 
-    def _truncate(self, pending: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """SVD of each group's coefficients, the rank rule, and the rewrite of every adapter."""
+    def _truncate(self, pending: list[_Pending]) -> None:
+        """SVD of each group's coefficients, the rank rule, and the rewrite of every adapter and its state."""
         self._num_truncations += 1
         if self._num_truncations % REORTHONORMALIZE_EVERY == 1:
-            pending = [(members, *integrator.reorthonormalize(U, S, V)) for members, U, S, V in pending]
-        spectra = []
-        for members, U_hat, S_hat, V_hat in pending:
-            P, sigma, Q = integrator.small_svd(S_hat)
-            spectra.append((P, sigma, Q))
+            for item in pending:
+                U, S, V = item.U, item.S, item.V
+                item.U, item.S, item.V = integrator.reorthonormalize(U, S, V)
+                if item.M is not None:  # the moments and the cycle's start in the same coordinates as S
+                    _, item.M, _ = integrator.reorthonormalize(U, item.M, V)
+                    _, item.S0, _ = integrator.reorthonormalize(U, item.S0, V)
+        spectra = [integrator.small_svd(item.S) for item in pending]  # (P, sigma, Q) per group
         ranks = self._decide_ranks(pending, spectra)
         self._open_cycle = False
-        for (members, U_hat, _, V_hat), (P, sigma, Q) in zip(pending, spectra):
-            U_new, V_new = integrator.rotate_factors(U_hat, V_hat, P, Q)  # (B, m, k), (B, n, k)
-            for b, i in enumerate(members):
+        for item, (P, sigma, Q) in zip(pending, spectra):
+            U_new, V_new = integrator.rotate_factors(item.U, item.V, P, Q)  # (B, m, k), (B, n, k)
+            M_new = P.transpose(-2, -1) @ item.M @ Q if item.M is not None else None  # the moment in the new basis
+            for b, i in enumerate(item.members):
                 r1 = ranks[i]
-                self._rotate_optimizer_state(self.adapters[i], P[b], Q[b], r1)
-                S_new = torch.diag(sigma[b, :r1])
-                self._write(i, U_new[b, :, :r1], S_new, V_new[b, :, :r1])
+                a = self.adapters[i]
+                if M_new is not None:
+                    S_kept = torch.diag(sigma[b, :r1])
+                    self._coefficients.store(i, M_new[b, :r1, :r1], item.v[b], S_kept)
+                else:
+                    optimizer_state.rotate_state(self.optimizer, a.U, a.S, a.V, P[b], Q[b], r1, self._warn_once)
+                self._write(i, U_new[b, :, :r1], torch.diag(sigma[b, :r1]), V_new[b, :, :r1])
 
-    def _decide_ranks(self, pending: list, spectra: list) -> dict[int, int]:
-        """New rank of every adapter: unchanged (warm-up, frozen), the tau rule, or the global budget."""
+    def _decide_ranks(self, pending: list[_Pending], spectra: list) -> dict[int, int]:
+        """New rank of every adapter: unchanged (warm-up, frozen), the tau rule (with growth), or the budget."""
         cfg = self.config
         ranks: dict[int, int] = {}
         if not self._ranks_may_change():
-            for members, _, _, _ in pending:
-                for i in members:
+            for item in pending:
+                for i in item.members:
                     ranks[i] = self._base_ranks.get(i, self.adapters[i].rank)
             return ranks
         if cfg.budget is None:
-            for (members, _, _, _), (_, sigma, _) in zip(pending, spectra):
-                caps = torch.tensor([min(cfg.max_rank, self.adapters[i].capacity) for i in members])
+            for item, (P, sigma, Q) in zip(pending, spectra):
+                caps = torch.tensor([min(cfg.max_rank, self.adapters[i].capacity) for i in item.members])
                 floors = torch.minimum(torch.full_like(caps, cfg.min_rank), caps)
-                chosen = integrator.truncation_rank(sigma, cfg.tau, floors, caps, cfg.abs_tol)
-                ranks.update(zip(members, chosen.tolist()))
+                if item.S0 is not None:
+                    dS = item.S - item.S0  # this cycle's step of the coefficients
+                    growth = integrator.growth_along(P, dS, Q)
+                    step_norm = torch.linalg.matrix_norm(dS)
+                    chosen = integrator.protected_truncation_rank(
+                        sigma, growth, step_norm, cfg.tau, cfg.growth_tol, floors, caps, cfg.abs_tol
+                    )
+                else:
+                    chosen = integrator.truncation_rank(sigma, cfg.tau, floors, caps, cfg.abs_tol)
+                ranks.update(zip(item.members, chosen.tolist()))
             return ranks
         order, sigmas = [], []
-        for (members, _, _, _), (_, sigma, _) in zip(pending, spectra):
-            for b, i in enumerate(members):
+        for item, (_, sigma, _) in zip(pending, spectra):
+            for b, i in enumerate(item.members):
                 order.append(i)
                 s = sigma[b]
                 sigmas.append(s[s > cfg.abs_tol] if cfg.abs_tol > 0 else s)
@@ -460,84 +633,20 @@ class RankAllocator:
                 history.append((self.num_steps, r1))
         a.layer.set_rank(a.adapter, r1)
 
-    # ------------------------------------------------------------------ optimizer state
-    def _state_tensors(self, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
-        for key, value in self.optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                yield key, value
-
-    def _pad_optimizer_state(self, a: _Adapter, r: int) -> None:
-        """Augmentation keeps the old columns: their state stays, everything beyond rank r starts at zero."""
-        for p, is_s in ((a.U, False), (a.S, True), (a.V, False)):
-            for _, value in self._state_tensors(p):
-                if is_s:
-                    value[r:, :] = 0
-                    value[:, r:] = 0
-                else:
-                    value[:, r:] = 0
-
-    def _rotate_optimizer_state(self, a: _Adapter, P: torch.Tensor, Q: torch.Tensor, r1: int) -> None:
-        """Carry the state into the truncated SVD coordinates (see the module docstring for the maps)."""
-        for p, left, right in ((a.S, P, Q), (a.U, None, Q), (a.V, None, P)):
-            for key, value in self._state_tensors(p):
-                if key in LINEAR_STATE_KEYS:
-                    lmap, rmap = left, right
-                elif key in QUADRATIC_STATE_KEYS:
-                    lmap = left.square() if left is not None else None
-                    rmap = right.square()
-                else:
-                    self._warn_once(
-                        f"state:{key}",
-                        f"GeoLoRA resets the optimizer state `{key}` of the factors when the bases rotate "
-                        "(only exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer are carried over).",
-                    )
-                    value.zero_()
-                    continue
-                cd = rmap.dtype
-                if left is None:  # U or V: (dim, k) @ (k, r1)
-                    new = value[:, : rmap.shape[0]].to(cd) @ rmap[:, :r1]
-                    value.zero_()
-                    value[:, :r1] = new.to(value.dtype)
-                else:  # S: (r1, a) @ (a, b) @ (b, r1)
-                    block = value[: lmap.shape[0], : rmap.shape[0]].to(cd)
-                    new = lmap[:, :r1].transpose(0, 1) @ block @ rmap[:, :r1]
-                    value.zero_()
-                    value[:r1, :r1] = new.to(value.dtype)
-
     # ------------------------------------------------------------------ distributed
     def _broadcast_from_main_process(self) -> None:
-        """Make process 0's factors and ranks authoritative (bit-identical adapters on every process)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() < 2:
+        """Make process 0's factors, ranks and coefficient state authoritative (bit-identical on every process)."""
+        if not is_distributed():
             return
         try:
-            self._broadcast_factors_and_ranks()
+            tensors = [t for a in self.adapters for t in a.parameters()]
+            if self._coefficients is not None:
+                tensors += self._coefficients.tensors()
+            broadcast_tensors(tensors)
+            ranks = broadcast_ints([a.rank for a in self.adapters], self.adapters[0].U.device)
         except RuntimeError as exc:  # a peer stopped responding or died: say so instead of a bare gloo/NCCL error
-            raise RuntimeError(
-                f"GeoLoRA could not synchronise the adapters across processes (this is process "
-                f"{torch.distributed.get_rank()} of {torch.distributed.get_world_size()}): another process stopped "
-                "responding or exited. The wait is bounded "
-                "by the process-group timeout (accelerate: InitProcessGroupKwargs(timeout=...)). Cause: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from exc
-
-    def _broadcast_factors_and_ranks(self) -> None:
-        by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for a in self.adapters:
-            for t in (a.U, a.S, a.V):
-                by_key[(t.dtype, t.device)].append(t)
-        for tensors in by_key.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            torch.distributed.broadcast(flat, src=0)
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-        device = self.adapters[0].U.device
-        ranks = torch.tensor([a.rank for a in self.adapters], dtype=torch.int64, device=device)
-        torch.distributed.broadcast(ranks, src=0)
-        for a, r in zip(self.adapters, ranks.tolist()):
+            raise RuntimeError(peer_failure_message(exc)) from exc
+        for a, r in zip(self.adapters, ranks):
             if r != a.rank:
                 a.layer.set_rank(a.adapter, r)
 
@@ -558,21 +667,41 @@ class RankAllocator:
         return sum(a.layer.num_active_parameters(a.adapter) for a in self.adapters)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs beyond the adapter weights: the step count and the rank history."""
-        return {
+        """What a resumed run needs beyond the adapter weights and the optimizer's own state.
+
+        Plain values, plus under ``"coefficient"`` the coefficient step's count and its tensors (first and second
+        moments and the cycle's start per layer, CPU copies) when ``step_rule="coefficient"``.
+        """
+        state: dict[str, Any] = {
             "num_steps": self.num_steps,
             "num_truncations": self._num_truncations,
             "base_ranks": [self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)],
             "open_cycle": self._open_cycle,
             "rank_history": {k: [list(e) for e in v] for k, v in self.rank_history().items()},
+            "step_rule": self.config.step_rule,
         }
+        if self._coefficients is not None:
+            state["coefficient"] = self._coefficients.state_dict([a.name for a in self.adapters])
+        return state
 
     def resume_at_step(self, step: int) -> None:
-        """Continue a run at optimizer step ``step`` when no allocator state was saved (derives the truncation count)."""
+        """Continue a run at optimizer step ``step`` when no allocator state was saved (derives the truncation count).
+
+        With the coefficient rule the moments then restart from zero, so the run continues, but not exactly.
+        """
         self.num_steps = step
         self._num_truncations = step // (self._cycle_length() + 1)
+        if self._coefficients is not None:
+            self._coefficients.num_steps = step
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_rule = state.get("step_rule", "optimizer")
+        if saved_rule != self.config.step_rule:
+            raise ValueError(
+                f"The allocator state was saved with `step_rule={saved_rule!r}` but this allocator uses "
+                f"`step_rule={self.config.step_rule!r}`; resume with the same rule (RankAllocator(..., "
+                f"step_rule={saved_rule!r}))."
+            )
         self.num_steps = int(state["num_steps"])
         self._num_truncations = int(state.get("num_truncations", 0))
         self._base_ranks = dict(enumerate(state.get("base_ranks", [])))
@@ -580,6 +709,8 @@ class RankAllocator:
         history = state.get("rank_history", {})
         for a in self.adapters:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]
+        if self._coefficients is not None:
+            self._coefficients.load_state_dict(state["coefficient"], [a.name for a in self.adapters])
 
     def remove(self) -> None:
         """Detach from the optimizer and the layers (they go back to plain gradients)."""

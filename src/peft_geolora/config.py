@@ -59,8 +59,19 @@ class GeoLoraConfig(PeftConfig):
         default=0.0, metadata={"help": "Singular values at or below this absolute value are always discarded."}
     )
     lora_alpha: float = field(
-        default=8.0,
-        metadata={"help": "Scale numerator: the adapter is multiplied by s = lora_alpha / r, fixed at creation."},
+        default=4.0,
+        metadata={
+            "help": "The adapter's scale: Delta W = lora_alpha * U S V^T. Not divided by the rank (U and V are "
+            "orthonormal, so ||Delta W|| = lora_alpha * ||S|| at any rank): the initial rank changes neither the "
+            "function nor the step. Under Adam it acts like a learning-rate multiplier of the adapter."
+        },
+    )
+    scaling: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Written at creation: the scale s the adapter computes with (lora_alpha; lora_alpha / r for "
+            "adapters saved by peft-geolora 0.1.0, whose configs lack this key). Fixed for the adapter's life."
+        },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -114,9 +125,26 @@ class GeoLoraConfig(PeftConfig):
             "experiments)."
         },
     )
-    # Provisional default: the every-step schedule truncates new directions before they can grow and can
-    # stall below the needed rank (tests/test_rank_recovery.py); a short cycle recovers it.
     cycle_length: int = field(default=3, metadata={"help": "S-only steps between augmentations for 'cycle'."})
+    step_rule: Literal["coefficient", "optimizer"] = field(
+        default="coefficient",
+        metadata={
+            "help": "Who steps the factors. 'coefficient': the allocator takes the adapter gradients before "
+            "optimizer.step() and steps the augmented coefficient matrix itself, with the hyperparameters of the "
+            "user's optimizer (Adam-family: one second moment per adapter; SGD: momentum), so new directions and S "
+            "move at one balanced rate and U, V hold no optimizer state. 'optimizer' (0.1.0): the user's optimizer "
+            "steps U, S, V and the allocator reads its proposed moves."
+        },
+    )
+    growth_tol: Optional[float] = field(
+        default=0.2,
+        metadata={
+            "help": "At a truncation, a direction whose singular value grew during the cycle by at least "
+            "growth_tol * ||cycle step of S||_F is kept even if the tau rule would cut it: a direction the "
+            "gradient keeps pointing to can enter however large the established ones are. None: the tau rule "
+            "alone. Applies to the tau rule, not to a global budget."
+        },
+    )
     warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
     )
@@ -135,6 +163,10 @@ class GeoLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GEOLORA
+        if self.scaling is None:
+            # A config that records ranks but no scale was saved by 0.1.0, which computed with lora_alpha / r.
+            legacy = bool(self.rank_pattern)
+            self.scaling = float(self.lora_alpha) / self.r if legacy else float(self.lora_alpha)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -178,6 +210,22 @@ class GeoLoraConfig(PeftConfig):
             "budget_unit", self.budget_unit, "one of 'rank', 'params'", self.budget_unit in ("rank", "params")
         )
         _check_range("schedule", self.schedule, "one of 'step', 'cycle'", self.schedule in ("step", "cycle"))
+        _check_range(
+            "scaling",
+            self.scaling,
+            "None or a number > 0",
+            self.scaling is None or (isinstance(self.scaling, (int, float)) and self.scaling > 0),
+        )
+        _check_range(
+            "step_rule", self.step_rule, "one of 'coefficient', 'optimizer'", self.step_rule in ("coefficient", "optimizer")
+        )
+        if self.growth_tol is not None:
+            _check_range(
+                "growth_tol",
+                self.growth_tol,
+                "None or a number in (0, 1]",
+                isinstance(self.growth_tol, (int, float)) and 0 < self.growth_tol <= 1,
+            )
         if self.budget is not None:
             _check_range("budget", self.budget, "None or an integer >= 1", _is_int(self.budget) and self.budget >= 1)
         if self.freeze_step is not None:

@@ -92,7 +92,7 @@ def _export(
     base_model_name_or_path: Optional[str] = None,
 ) -> LoraConfig:
     """Write the LoRA adapter for ``factors`` (module name → {"U", "S", "V"} trimmed to the active rank)."""
-    scale = geo_config.lora_alpha / geo_config.r
+    scale = geo_config.scaling
     ranks = {name: f["S"].shape[0] for name, f in factors.items() if f["S"].shape[0] > 0}
     if not ranks:
         raise ValueError("Every GeoLoRA layer has rank 0: there is nothing to export.")
@@ -226,7 +226,7 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
     geo = get_peft_model(base, geo_config, adapter_name=adapter_name)
     if extra:
         set_peft_model_state_dict(geo, extra, adapter_name=adapter_name)
-    scale = geo_config.lora_alpha / geo_config.r
+    scale = geo_config.scaling
     for name, (U, sigma, V) in factors.items():
         layer = geo.base_model.model.get_submodule(name)
         rank = U.shape[1]

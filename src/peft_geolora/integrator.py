@@ -8,7 +8,7 @@ An adapter on a frozen weight :math:`W_0` (``m = out_features``, ``n = in_featur
 
 * ``U`` (m × r) and ``V`` (n × r): orthonormal bases of the output and input side;
 * ``S`` (r × r): the coefficient matrix, diagonal right after a truncation;
-* ``r``: the active rank; ``s = lora_alpha / r_init``: a fixed scale;
+* ``r``: the active rank; ``s``: a fixed scale (``lora_alpha``; it follows neither the current nor the initial rank);
 * ``K = U S`` (m × r) and ``L = V Sᵀ`` (n × r): the factors the projected gradient flow moves in parallel;
 * ``G = ∂loss/∂(U S Vᵀ)`` (m × n): the gradient with respect to the product (never formed);
 * ``tau``: the relative truncation tolerance of :func:`truncation_rank`.
@@ -241,6 +241,134 @@ def global_budget_ranks(
         n_keep = int((unit_cost.cumsum(0) <= int(budget) - spent).sum())
     extra = torch.bincount(layer[order[:n_keep]], minlength=len(sigmas))
     return (floors_t + extra).tolist()
+
+
+def adaptive_coefficient_step(
+    S: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    num_entries: int,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""One Adam step of the coefficient matrix with a single second moment per adapter (rotation-invariant).
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1 - \beta_1)\,\hat G, \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2)\,\lVert \hat G \rVert_F^2 / N, \\
+        S &\leftarrow S - \lambda\, \frac{M / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
+
+    ``v`` is the mean square of the ``N`` tangent entries of ``Ĝ``, one scalar per adapter: every entry of ``Ŝ``,
+    old coefficients and new-direction blocks alike, moves at one rate (about λ per entry), and the step
+    commutes with the rotations ``Ŝ → Pᵀ Ŝ Q`` of a truncation, so ``M`` is carried over exactly by the same map
+    and ``v`` needs no transport. Weight decay: decoupled (AdamW) ``S ← (1 − λ w) S``, or added to the gradient
+    (Adam's L2 form).
+
+    Parameters
+    ----------
+    S, grad, exp_avg : (..., a, b), the coefficients, their gradient ``Ĝ`` and first moment ``M``
+    exp_avg_sq : (...), the second moment ``v``
+    num_entries : ``N``, the entries of ``Ĝ`` that can be non-zero (the augmentation's zero block excluded)
+    step : ``t`` ≥ 1, the number of steps including this one (bias correction)
+
+    Returns
+    -------
+    S⁺ (..., a, b), M (..., a, b), v (...)
+    """
+    beta1, beta2 = betas
+    if weight_decay and not decoupled_weight_decay:
+        grad = grad + weight_decay * S
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    mean_square = grad.square().sum(dim=(-2, -1)) / max(num_entries, 1)  # (...)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * mean_square
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps  # (...)
+    if weight_decay and decoupled_weight_decay:
+        S = S * (1 - lr * weight_decay)
+    S = S - (lr / (1 - beta1**step)) * exp_avg / denom[..., None, None]
+    return S, exp_avg, exp_avg_sq
+
+
+def sgd_coefficient_step(
+    S: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    first_step: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One SGD step of the coefficient matrix, with ``torch.optim.SGD``'s momentum convention.
+
+    .. math::  g = \hat G + w S,\quad B \leftarrow \mu B + (1 - d)\, g \;(B = g \text{ at the first step}),\quad
+               S \leftarrow S - \lambda\, (g + \mu B \text{ if Nesterov else } B)
+
+    With ``momentum = 0`` this is ``S − λ Ĝ``: Algorithm 1 of the paper in the augmented coordinates.
+
+    Shapes: S, grad, momentum_buffer (..., a, b). Returns S⁺ and the buffer, same shapes.
+    """
+    if weight_decay:
+        grad = grad + weight_decay * S
+    if momentum:
+        momentum_buffer = grad.clone() if first_step else momentum * momentum_buffer + (1 - dampening) * grad
+        grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
+    return S - lr * grad, momentum_buffer
+
+
+def growth_along(P: torch.Tensor, dS: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    r"""How much the cycle's step ``ΔS`` grew each singular direction: ``g_j = p_jᵀ ΔS q_j``.
+
+    Shapes: P (..., a, k), dS (..., a, b), Q (..., b, k) → (..., k).
+    """
+    return ((P.transpose(-2, -1) @ dS) * Q.transpose(-2, -1)).sum(-1)
+
+
+def protected_truncation_rank(
+    sigma: torch.Tensor,
+    growth: torch.Tensor,
+    step_norm: torch.Tensor,
+    tau: float,
+    growth_tol: Optional[float],
+    min_rank: int | torch.Tensor,
+    max_rank: int | torch.Tensor,
+    abs_tol: float = 0.0,
+) -> torch.Tensor:
+    r"""The tau rule, except that directions which grew fast in this cycle are kept.
+
+    .. math::  r_1 = \max\bigl(r_\tau,\; 1 + \max\{ j : g_j \ge \theta \lVert \Delta S \rVert_F \}\bigr)
+
+    where ``r_τ`` is :func:`truncation_rank`, ``g = growth_along(P, ΔS, Q)`` and ``θ = growth_tol``. Why: a
+    direction that has just entered has had one cycle to grow, at the optimizer's speed (about λ per step under
+    Adam), while the established values had all of training; judged by ``τ ‖σ‖`` alone it is cut however
+    consistently the gradient points to it, and the rank freezes. Its growth is judged against the cycle's own
+    step instead, a comparison of like with like that does not depend on λ or on the gradient's scale; at most
+    ``1/θ²`` directions can pass it, so noise cannot inflate the rank. A kept direction keeps every larger value
+    too (the kept set stays a prefix of the spectrum). Clamped to ``[min_rank, max_rank]``.
+
+    Parameters
+    ----------
+    sigma, growth : (..., k); step_norm : (...), ``‖ΔS‖_F``
+    growth_tol : θ in (0, 1], or None for the tau rule alone
+
+    Returns
+    -------
+    r₁ : (...) int64
+    """
+    rank = truncation_rank(sigma, tau, min_rank, max_rank, abs_tol)
+    if growth_tol is None:
+        return rank
+    k = sigma.shape[-1]
+    grew = (growth >= growth_tol * step_norm[..., None]) & (step_norm[..., None] > 0) & (sigma > abs_tol)
+    positions = torch.arange(1, k + 1, device=sigma.device)
+    protected = torch.where(grew, positions, torch.zeros_like(positions)).amax(-1)  # (...) 1 + last grown index
+    hi = torch.as_tensor(max_rank, device=sigma.device).clamp(max=k)
+    return torch.maximum(rank, torch.minimum(protected, hi)).to(torch.int64)
 
 
 def reorthonormalize(

@@ -88,7 +88,7 @@ class GeoLoraLayer(BaseTunerLayer):
         adapter_name: str,
         r: int,
         max_rank: int,
-        lora_alpha: float,
+        scaling: float,
         lora_dropout: float,
         init_weights: bool,
         inference_mode: bool = False,
@@ -99,7 +99,7 @@ class GeoLoraLayer(BaseTunerLayer):
         capacity = min(m, n, 2 * max_rank)
         rank = min(r, capacity)
         self.capacity[adapter_name] = capacity
-        self.scaling[adapter_name] = lora_alpha / r  # fixed at creation: never follows the current rank
+        self.scaling[adapter_name] = scaling  # fixed at creation: follows neither the current nor the initial rank
         self.geolora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.geolora_U[adapter_name] = nn.Parameter(torch.zeros(m, capacity))
         self.geolora_S[adapter_name] = nn.Parameter(torch.zeros(capacity, capacity))
@@ -217,7 +217,7 @@ class Linear(nn.Module, GeoLoraLayer):
         adapter_name: str,
         r: int,
         max_rank: int,
-        lora_alpha: float,
+        scaling: float,
         lora_dropout: float = 0.0,
         init_weights: bool = True,
         **kwargs: Any,
@@ -225,7 +225,7 @@ class Linear(nn.Module, GeoLoraLayer):
         super().__init__()
         GeoLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, max_rank, lora_alpha, lora_dropout, init_weights)
+        self.update_layer(adapter_name, r, max_rank, scaling, lora_dropout, init_weights)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active adapters' ``s · U S Vᵀ`` to the base weight (checking for NaN first if ``safe_merge``)."""

@@ -44,7 +44,7 @@ class GeoLoraModel(BaseTuner):
         kwargs = {
             "r": peft_config.r,
             "max_rank": peft_config.max_rank,
-            "lora_alpha": peft_config.lora_alpha,
+            "scaling": peft_config.scaling,
             "lora_dropout": peft_config.lora_dropout,
             "init_weights": peft_config.init_weights,
         }

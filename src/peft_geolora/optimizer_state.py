@@ -1,0 +1,80 @@
+"""Carrying the user's optimizer state of ``U``, ``S``, ``V`` through basis changes (``step_rule="optimizer"``).
+
+With the 0.1.0 step rule the user's optimizer holds per-parameter state for the factors. When the bases change,
+that state is carried into the new coordinates instead of being reset. Augmentation keeps the old columns, so
+their state is kept and the new columns start from zero. Truncation rotates the coefficients by the small SVD
+``Ŝ = P Σ Qᵀ``; the gradients then transform as ``∇S → Pᵀ ∇S Q``, ``∇U = G V → (G V) Q``, ``∇V = Gᵀ U → (Gᵀ U) P``.
+First moments (``exp_avg``, ``momentum_buffer``) follow these linear maps exactly; second moments
+(``exp_avg_sq``, ``max_exp_avg_sq``) follow the same maps with every entry squared, which is exact when the
+rotation is a signed permutation and always keeps them non-negative. Other per-parameter state is reset to zero.
+Inactive capacity is zero in the factors and in the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
+QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def state_tensors(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
+    """The optimizer's per-entry state tensors of ``p`` (those shaped like ``p``)."""
+    for key, value in optimizer.state.get(p, {}).items():
+        if torch.is_tensor(value) and value.shape == p.shape:
+            yield key, value
+
+
+def pad_state(optimizer: torch.optim.Optimizer, U: nn.Parameter, S: nn.Parameter, V: nn.Parameter, r: int) -> None:
+    """Augmentation keeps the old columns: their state stays, everything beyond rank r starts at zero."""
+    for p, is_s in ((U, False), (S, True), (V, False)):
+        for _, value in state_tensors(optimizer, p):
+            if is_s:
+                value[r:, :] = 0
+                value[:, r:] = 0
+            else:
+                value[:, r:] = 0
+
+
+def rotate_state(
+    optimizer: torch.optim.Optimizer,
+    U: nn.Parameter,
+    S: nn.Parameter,
+    V: nn.Parameter,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    r1: int,
+    warn: Callable[[str, str], None],
+) -> None:
+    """Carry the state into the truncated SVD coordinates ``P[:, :r₁]``, ``Q[:, :r₁]`` (maps in the module docstring)."""
+    maps: tuple[tuple[nn.Parameter, Optional[torch.Tensor], torch.Tensor], ...] = ((S, P, Q), (U, None, Q), (V, None, P))
+    for p, left, right in maps:
+        for key, value in state_tensors(optimizer, p):
+            if key in LINEAR_STATE_KEYS:
+                lmap, rmap = left, right
+            elif key in QUADRATIC_STATE_KEYS:
+                lmap = left.square() if left is not None else None
+                rmap = right.square()
+            else:
+                warn(
+                    f"state:{key}",
+                    f"GeoLoRA resets the optimizer state `{key}` of the factors when the bases rotate "
+                    "(only exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer are carried over).",
+                )
+                value.zero_()
+                continue
+            cd = rmap.dtype
+            if lmap is None:  # U or V: (dim, k) @ (k, r1)
+                new = value[:, : rmap.shape[0]].to(cd) @ rmap[:, :r1]
+                value.zero_()
+                value[:, :r1] = new.to(value.dtype)
+            else:  # S: (r1, a) @ (a, b) @ (b, r1)
+                block = value[: lmap.shape[0], : rmap.shape[0]].to(cd)
+                new = lmap[:, :r1].transpose(0, 1) @ block @ rmap[:, :r1]
+                value.zero_()
+                value[:r1, :r1] = new.to(value.dtype)
