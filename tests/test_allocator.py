@@ -232,6 +232,32 @@ def test_coefficient_moment_follows_the_truncation() -> None:
 def test_optimizer_state_follows_the_rotation() -> None:
     """step_rule="optimizer": momentum of S, seen as the matrix U m_S Vᵀ, is carried into the new bases."""
     model = _two_layer_model(schedule="step", tau=0.0, step_rule="optimizer")
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=3)
+    layer = model.base_model.model.a
+    U, S, V = layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"]
+
+    eye = torch.eye(24)
+    ya, yb = model(eye)
+    (0.5 * ((ya - targets[0].T).square().sum() + (yb - targets[1].T).square().sum())).backward()
+    U0, V0 = U.detach().clone(), V.detach().clone()
+    optimizer.step()
+    momentum_before = U0 @ optimizer.state[S]["momentum_buffer"] @ V0.T  # (m, n) in the old bases
+    allocator.step()
+    optimizer.zero_grad()
+    r = layer.rank["default"]
+    U1, V1 = U[:, :r].detach(), V[:, :r].detach()
+    momentum_after = U @ optimizer.state[S]["momentum_buffer"] @ V.T
+    expected = U1 @ U1.T @ momentum_before @ V1 @ V1.T
+    torch.testing.assert_close(momentum_after.detach(), expected, atol=1e-5, rtol=1e-4)
+    for key in ("momentum_buffer",):
+        for p in (U, S, V):
+            state = optimizer.state[p][key]
+            assert state[..., r:].abs().max() == 0  # inactive capacity stays zero in the state too
+
+
 def test_bad_optimizer_and_model_are_refused() -> None:
     model = _two_layer_model()
     with pytest.raises(ValueError, match="does not update the GeoLoRA factors"):

@@ -174,20 +174,44 @@ def test_metrics_match_their_definitions() -> None:
     assert METRICS["accuracy"](pred, ref) == {"accuracy": 0.75}
     assert METRICS["accuracy_f1"](pred, ref)["f1"] == pytest.approx(0.8)
     assert METRICS["matthews"](pred, ref)["matthews_correlation"] == pytest.approx(1 / 3**0.5)
+    spam = METRICS["f1_matthews"](pred, ref)
+    assert spam["f1"] == pytest.approx(0.8) and spam["matthews_correlation"] == pytest.approx(1 / 3**0.5)
     scores = METRICS["pearson_spearman"](np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.5]))
     assert scores["spearmanr"] == pytest.approx(1.0) and scores["pearson"] > 0.99
 
 
-def test_offline_task_split_is_fixed_and_disjoint() -> None:
-    first = glue_data.load_offline("rt_polarity")
-    again = glue_data.load_offline("rt_polarity")
-    assert len(first["validation"]) == 2000 and 8000 < len(first["train"]) < 10605 - 37 - 2000 + 1
-    assert first["train"][:5] == again["train"][:5]
-    train_texts, validation_texts = list(first["train"]["text"]), list(first["validation"]["text"])
-    assert not set(train_texts) & set(validation_texts)
-    rating = glue_data.load_offline("rt_rating")
-    assert len(rating["train"]) + len(rating["validation"]) > len(first["train"]) + 2000
-    assert min(rating["train"]["label"]) < -3 and max(rating["train"]["label"]) > 3
+EXPECTED_SPLITS = {  # (train, validation, test) after de-duplication
+    "rt_polarity": (7566, 1000, 2000),
+    "rt_rating": (7603, 1000, 2000),
+    "trec6": (3876, 500, 1000),
+    "sms_spam": (2984, 500, 1000),
+    "tweet_polarity": (2542, 500, 1000),
+    "amazon_polarity": (2090, 500, 1000),
+}
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED_SPLITS))
+def test_offline_task_split_is_fixed_and_disjoint(task: str) -> None:
+    first, again = glue_data.load_offline(task), glue_data.load_offline(task)
+    assert tuple(len(first[s]) for s in ("train", "validation", "test")) == EXPECTED_SPLITS[task]
+    for split in ("train", "validation", "test"):
+        assert first[split][:] == again[split][:]  # stable under re-runs
+    keys = {s: {glue_data.text_key(t) for t in first[s]["text"]} for s in ("train", "validation", "test")}
+    assert sum(len(k) for k in keys.values()) == sum(EXPECTED_SPLITS[task])  # no duplicate within a split
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+    labels = set(first["train"]["label"])
+    if glue_data.TASKS[task].num_labels == 1:
+        assert min(labels) < -3 and max(labels) > 3
+    else:
+        assert labels == set(range(glue_data.TASKS[task].num_labels))
+
+
+def test_split_rows_drops_near_duplicates_before_splitting() -> None:
+    rows = [("A film.", 1), ("a film", 0), *[(f"text {i}", i % 2) for i in range(20)]]
+    splits = glue_data.split_rows(rows, validation_size=3, test_size=4)
+    texts = [t for s in splits.values() for t in s["text"]]
+    assert len(texts) == 21 and ("A film." in texts) and ("a film" not in texts)
 
 
 def test_local_files_must_be_complete() -> None:
@@ -243,27 +267,3 @@ def test_two_processes_on_the_default_task(tmp_path: Path) -> None:
     assert results["ranks_agree_across_processes"]
     base = AutoModelForSequenceClassification.from_pretrained(run_glue.resolve_model_path(run_glue.OFFLINE_MODEL))
     PeftModel.from_pretrained(base, tmp_path / "ddp" / "adapter")
-
-
-def test_basis_lr_scale_puts_the_bases_in_their_own_group() -> None:
-    from peft import get_peft_model
-
-    from peft_geolora import GeoLoraConfig
-
-    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
-    model = get_peft_model(base, GeoLoraConfig(r=2, max_rank=2, target_modules=["0", "2"]))
-    optimizer = run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": 0.1})
-    bases = {id(p) for n, p in model.named_parameters() if ".geolora_U." in n or ".geolora_V." in n}
-    assert len(bases) == 4
-    others, scaled = optimizer.param_groups
-    assert {id(p) for p in scaled["params"]} == bases and scaled["lr"] == pytest.approx(1e-3)
-    assert others["lr"] == 1e-2 and len(others["params"]) == 2  # the two S factors
-    default = run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2})
-    assert [g["lr"] for g in default.param_groups] == [1e-2, 1e-2]
-    with pytest.raises(SystemExit, match="GeoLoRA's bases only"):
-        run_glue.build_optimizer(model, {"method": "lora", "lr": 1e-2, "basis_lr_scale": 0.5})
-    with pytest.raises(SystemExit, match="positive number"):
-        run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": 0})
-    with pytest.raises(SystemExit, match="positive number"):
-        run_glue.build_optimizer(model, {"method": "geolora", "lr": 1e-2, "basis_lr_scale": "fast"})
-    assert run_glue.basis_lr_scale({"method": "geolora", "basis_lr_scale": "1e-1"}) == pytest.approx(0.1)

@@ -21,6 +21,11 @@ def _matthews(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"matthews_correlation": float(matthews_corrcoef(ref, pred))}
 
 
+def _f1_matthews(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """F1 of the positive class (spam) and Matthews correlation (CoLA's metric)."""
+    return {"f1": float(f1_score(ref, pred)), "matthews_correlation": float(matthews_corrcoef(ref, pred))}
+
+
 def _pearson_spearman(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"pearson": float(pearsonr(pred, ref)[0]), "spearmanr": float(spearmanr(pred, ref)[0])}
 
@@ -29,5 +34,6 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, float]]] = {
     "accuracy": _accuracy,
     "accuracy_f1": _accuracy_f1,
     "matthews": _matthews,
+    "f1_matthews": _f1_matthews,
     "pearson_spearman": _pearson_spearman,
 }

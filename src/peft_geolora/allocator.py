@@ -307,9 +307,7 @@ class RankAllocator:
         self._grads = [tuple(p.grad for p in a.parameters()) for a in self.adapters] if finite else None
         for p in self._factor_params():
             p.grad = None
-        self._hyper = {
-            g: read_hyperparameters(self.optimizer, self._kind, g) for g in sorted(set(self._group_of))
-        }
+        self._hyper = {g: read_hyperparameters(self.optimizer, self._kind, g) for g in sorted(set(self._group_of))}
         self._pending = True
 
     @torch.no_grad()

