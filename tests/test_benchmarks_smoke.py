@@ -61,3 +61,47 @@ def test_initial_rank_study_smoke_records_trajectories(tmp_path) -> None:
         assert trajectory[0] == [0, 36 * r["r0"]]  # 36 adapted layers at the initial rank
         assert trajectory[-1][1] == sum(r["ranks"].values())
     assert data["params_max_over_min"] >= 1 and (tmp_path / "init_rank_long.png").is_file()
+
+
+@pytest.mark.slow
+def test_suite_smoke_runs_every_task_and_method(tmp_path) -> None:
+    """A one-layer MiniLM, two steps per run: every offline task with every method, the JSONs and the report."""
+    import suite
+
+    suite.main(["--smoke", "--results_dir", str(tmp_path)])
+    records = [json.loads(p.read_text()) for p in (tmp_path / "test").glob("*.json")]
+    assert {(r["task"], r["method"]) for r in records} == {(t, m) for t in suite.OFFLINE_TASKS for m in suite.METHODS}
+    for r in records:
+        assert set(r["metrics"]) == {"validation", "test"} and r["smoke"]
+        assert r["adapter_params_end"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and r["command"]
+    report = (tmp_path / "suite.md").read_text()
+    assert all(f"| {m} |" in report for m in suite.METHODS) and (tmp_path / "suite.png").is_file()
+    suite.main(["--smoke", "--results_dir", str(tmp_path)])  # resumable: every run exists, nothing is redone
+    assert len(list((tmp_path / "test").glob("*.json"))) == len(records)
+
+
+def _record(task: str, method: str, lr: float, score: float, seed: int = 0, split: str = "validation") -> dict:
+    return {"task": task, "method": method, "lr": lr, "seed": seed, "primary": {split: score}, "adapter_params_end": 1}
+
+
+def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> None:
+    import suite
+
+    for method in suite.METHODS:
+        for i, lr in enumerate(suite.LR_GRID[method]):
+            for task in suite.LR_TASKS:
+                run = suite.Run("lr", task, method, lr)
+                run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+                score = 0.5 + 0.1 * (i == 1) + 0.05 * (task == "trec6")
+                run.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": score}}}))
+    chosen = suite.chosen_lrs(tmp_path)
+    assert chosen == {m: suite.LR_GRID[m][1] for m in suite.METHODS}
+    suite.Run("lr", "trec6", "lora", suite.LR_GRID["lora"][0]).path(tmp_path).unlink()
+    assert "lora" not in suite.chosen_lrs(tmp_path)  # an incomplete grid chooses nothing
+
+    records = [_record("trec6", "geolora", 1e-3, s, seed, "test") for seed, s in enumerate((0.80, 0.82, 0.81))]
+    records += [_record("trec6", "lora", 1e-3, s, seed, "test") for seed, s in enumerate((0.805, 0.815, 0.80))]
+    records += [_record("sms_spam", "geolora", 1e-3, s, seed, "test") for seed, s in enumerate((0.90, 0.91, 0.90))]
+    records += [_record("sms_spam", "lora", 1e-3, s, seed, "test") for seed, s in enumerate((0.80, 0.81, 0.80))]
+    verdicts = suite.verdicts(suite.test_table(records))
+    assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
