@@ -6,7 +6,9 @@ Every method trains MiniLM-L6 on the same real batches (16 Rotten-Tomatoes snipp
 methods take turns step by step, so drift on a shared machine hits them alike. One step is forward, backward,
 ``optimizer.step()`` and the method's rank allocation (GeoLoRA's ``allocator.step()``, AdaLoRA's
 ``update_and_allocate``). Reports the median step time of each, the ratios, and process CPU time / wall time beside
-each (below 1.8 on 2 threads the machine was contended). Writes ``benchmarks/results/step_cost.json``.
+each (below 1.8 on 2 threads the machine was contended), and the training memory each method holds at its peak
+(right after the backward pass: trainable weights, their gradients, the optimizer state and GeoLoRA's allocator
+state, counted tensor by tensor). Writes ``benchmarks/results/step_cost.json``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def build(name: str, path: str, total_steps: int):
     model = get_peft_model(base, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    allocator = None
     if name.startswith("geolora"):
         allocator = RankAllocator(model, optimizer)
         allocate = allocator.step
@@ -67,7 +70,26 @@ def build(name: str, path: str, total_steps: int):
         allocate = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
     else:
         allocate = None
-    return model, optimizer, allocate
+    return model, optimizer, allocate, allocator
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def training_memory(model, optimizer, allocator) -> dict[str, int]:
+    """Bytes held for training right after a backward pass (the peak): weights, gradients, optimizer state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    extra = allocator._coefficients.tensors() if getattr(allocator, "_coefficients", None) is not None else []
+    memory = {
+        "weights": tensor_bytes(trainable),
+        "grads": tensor_bytes(p.grad for p in trainable if p.grad is not None),
+        "optimizer_state": tensor_bytes(state),
+        "allocator_state": tensor_bytes(extra),
+    }
+    memory["total"] = sum(memory.values())
+    return memory
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,10 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
     setups = {name: build(name, path, steps + warmup) for name in names}
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
+    memory = {name: {} for name in names}
     for step, batch in enumerate(batches):
-        for name, (model, optimizer, allocate) in setups.items():  # the methods take turns
+        for name, (model, optimizer, allocate, allocator) in setups.items():  # the methods take turns
             w0, c0 = time.perf_counter(), time.process_time()
             model(**batch).loss.backward()
+            if step >= warmup:
+                w1 = time.perf_counter()
+                peak = training_memory(model, optimizer, allocator)  # not timed
+                memory[name] = max(memory[name], peak, key=lambda m: m.get("total", 0))
+                w0 += time.perf_counter() - w1
             optimizer.step()
             if allocate is not None:
                 allocate(step) if name == "adalora" else allocate()
@@ -109,6 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_timed": steps,
         "median_step_s": median,
         "cpu_over_wall": {name: sum(cpu[name]) / sum(wall[name]) for name in names},
+        "training_memory_bytes": memory,
+        "memory_ratios": {
+            f"{name} / lora_r8": memory[name]["total"] / memory["lora_r8"]["total"]
+            for name in names
+            if name != "lora_r8"
+        },
         "ratios": {
             "geolora_pinned_r8_step / lora_r8": median["geolora_pinned_r8_step"] / median["lora_r8"],
             "geolora_pinned_r8_cycle / lora_r8": median["geolora_pinned_r8_cycle"] / median["lora_r8"],

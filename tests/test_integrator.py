@@ -219,3 +219,83 @@ def test_reorthonormalize_keeps_the_product() -> None:
     Q_U, S_new, Q_V = I.reorthonormalize(U, S, V)
     torch.testing.assert_close(Q_U @ S_new @ Q_V.T, U @ S @ V.T, atol=1e-12, rtol=0)
     assert orthonormality_error(Q_U) < 1e-14 and orthonormality_error(Q_V) < 1e-14
+
+
+@pytest.mark.parametrize("m, n, r", [(12, 9, 3), (9, 30, 4)])
+def test_coefficient_gradient_step_is_projected_gradient_step(m: int, n: int, r: int) -> None:
+    """The coefficient rule with SGD: ``Û (Ŝ − λ Ĝ) V̂ᵀ = W − λ P_T(W) G`` with ``Ĝ`` from the gradients alone."""
+    U, V = _orthonormal(m, r, seed=5), _orthonormal(n, r, seed=6)
+    S = torch.diag(torch.rand(r, dtype=torch.float64) + 0.5)
+    G = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    lam = 0.3
+    GV, GtU = G @ V, G.T @ U  # the K- and L-gradients
+    U_t, V_t = I.augment_basis(U, GV), I.augment_basis(V, GtU)
+    G_hat = I.assemble_coefficients(U.T @ G @ V, U_t, GV, V_t, GtU)
+    k = U_t.shape[-1]
+    S_pad = torch.nn.functional.pad(S, (0, k, 0, k))
+    S_hat, _ = I.sgd_coefficient_step(S_pad, G_hat, torch.zeros_like(S_pad), lam)
+    U_hat, V_hat = torch.cat([U, U_t], -1), torch.cat([V, V_t], -1)
+    expected = U @ S @ V.T - lam * _tangent_projection(U, V, G)
+    torch.testing.assert_close(U_hat @ S_hat @ V_hat.T, expected, atol=1e-10, rtol=0)
+
+
+def test_sgd_coefficient_step_matches_torch_sgd() -> None:
+    S = torch.randn(4, 4, dtype=torch.float64)
+    grads = [torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    p = torch.nn.Parameter(S.clone())
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01)
+    mine, buffer = S.clone(), torch.zeros_like(S)
+    for t, g in enumerate(grads):
+        p.grad = g.clone()
+        opt.step()
+        mine, buffer = I.sgd_coefficient_step(mine, g, buffer, 0.1, 0.9, 0.1, False, 0.01, first_step=(t == 0))
+    torch.testing.assert_close(mine, p.detach(), atol=1e-14, rtol=0)
+
+
+def test_adaptive_step_is_adam_with_one_second_moment() -> None:
+    """With a 1 × 1 coefficient matrix the step is exactly torch's Adam/AdamW (one entry = one mean square)."""
+    for decoupled, cls in ((False, torch.optim.Adam), (True, torch.optim.AdamW)):
+        p = torch.nn.Parameter(torch.tensor([[0.3]], dtype=torch.float64))
+        opt = cls([p], lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        S, M, v = p.detach().clone(), torch.zeros(1, 1, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for t in range(1, 6):
+            g = torch.tensor([[0.5 * (-1) ** t + 0.1 * t]], dtype=torch.float64)
+            p.grad = g.clone()
+            opt.step()
+            S, M, v = I.adaptive_coefficient_step(S, g, M, v, 1, t, 0.05, (0.9, 0.99), 1e-8, 0.1, decoupled)
+        torch.testing.assert_close(S, p.detach(), atol=1e-14, rtol=0)
+
+
+def test_adaptive_step_commutes_with_rotations_and_batches() -> None:
+    """Rotating S, Ĝ and M by orthogonal P, Q rotates the step (so M is transported exactly); batched = looped."""
+    g = torch.Generator().manual_seed(3)
+    S, G, M = (torch.randn(2, 5, 5, dtype=torch.float64, generator=g) for _ in range(3))
+    v = torch.rand(2, dtype=torch.float64, generator=g)
+    P, Q = _orthonormal(5, 5, seed=8), _orthonormal(5, 5, seed=9)
+    args = (25, 4, 0.01, (0.9, 0.999), 1e-8, 0.05, True)
+    S1, M1, v1 = I.adaptive_coefficient_step(S, G, M, v, *args)
+    S2, M2, v2 = I.adaptive_coefficient_step(P.T @ S @ Q, P.T @ G @ Q, P.T @ M @ Q, v, *args)
+    torch.testing.assert_close(S2, P.T @ S1 @ Q, atol=1e-12, rtol=0)
+    torch.testing.assert_close(M2, P.T @ M1 @ Q, atol=1e-12, rtol=0)
+    torch.testing.assert_close(v2, v1, atol=1e-12, rtol=0)
+    looped = [I.adaptive_coefficient_step(S[b], G[b], M[b], v[b], *args)[0] for b in range(2)]
+    torch.testing.assert_close(S1, torch.stack(looped), atol=0, rtol=0)
+
+
+def test_growth_along_is_the_diagonal_of_the_rotated_step() -> None:
+    g = torch.Generator().manual_seed(4)
+    dS = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)
+    P, Q = _orthonormal(6, 4, seed=10), _orthonormal(6, 4, seed=11)
+    torch.testing.assert_close(I.growth_along(P, dS, Q), torch.diagonal(P.T @ dS @ Q, dim1=-2, dim2=-1))
+
+
+def test_protected_truncation_keeps_fast_growing_directions() -> None:
+    sigma = torch.tensor([[10.0, 5.0, 0.3, 0.2, 0.01]])  # tau 0.1 keeps 2
+    step_norm = torch.tensor([0.5])
+    grown = torch.tensor([[0.0, 0.0, 0.3, 0.0, 0.01]])  # the third value grew by 60 % of the cycle's step
+    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, None, 1, 5).tolist() == [2]
+    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 5).tolist() == [3]
+    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.7, 1, 5).tolist() == [2]
+    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 2).tolist() == [2]  # the cap holds
+    none = torch.zeros_like(sigma)
+    assert I.protected_truncation_rank(sigma, none, torch.tensor([0.0]), 0.1, 0.2, 1, 5).tolist() == [2]

@@ -26,22 +26,18 @@ One GeoLoRA step (Schotthöfer et al., arXiv 2410.18720, Algorithm 1) with learn
 5. the small SVD ``Ŝ = P Σ Qᵀ`` and truncation to ``r₁`` values (:func:`truncation_rank`, or the pooled
    :func:`global_budget_ranks`): ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← Σ[:r₁, :r₁]``.
 
-Who moves U, S and V: the user's optimizer
-------------------------------------------
+Who moves U, S and V
+--------------------
 The layer exposes, through :class:`GeoLoraFunction`, the K-gradient ``G V`` as the gradient of ``U``, the
-L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. The user's optimizer
-steps all three as usual; the allocator then reads the optimizer's proposed changes ``ΔU = U⁺ − U``,
-``ΔV = V⁺ − V`` and the new ``S⁺`` and rewrites the factors in place with steps 3–5. With plain SGD,
-``ΔU = −λ G V`` and ``Ũᵀ ΔU = Ũᵀ K⁺`` (because ``Ũ ⊥ U``), so this *is* Algorithm 1; with Adam the
-proposed changes are preconditioned gradients and the same span argument holds. Why this way:
-
-* one optimizer, one learning-rate schedule, gradient clipping, the AMP loss scaler, DDP's gradient
-  all-reduce, accelerate and the ``Trainer`` all work unchanged: GeoLoRA adds no second learning rate;
-* only ``Ũᵀ ΔU`` and ``ΔVᵀ Ṽ`` enter the new factors, and both annihilate any component of ``ΔU`` in
-  ``span(U)``: weight decay on the bases (AdamW decays ``U`` along ``U``) cannot touch them, so the
-  orthonormal bases need no special parameter groups to stay orthonormal;
-* parameters are only ever written in place at fixed capacity, so DDP buckets and optimizer references
-  stay valid.
+L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. By default
+(``step_rule="coefficient"``) the allocator takes these three gradients before ``optimizer.step()``, augments the
+bases with :func:`augment_basis`, assembles the gradient of the augmented coefficients with
+:func:`assemble_coefficients` (``Ĝ = [[Uᵀ G V, (Gᵀ U)ᵀ Ṽ], [Ũᵀ G V, 0]]``, the tangent gradient in the augmented
+basis) and steps ``Ŝ`` itself: :func:`sgd_coefficient_step` with plain SGD is exactly Algorithm 1;
+:func:`adaptive_coefficient_step` is its Adam counterpart with one second moment per adapter, so the coefficients
+and the new directions move at one balanced rate and the step commutes with the truncation's rotation. With
+``step_rule="optimizer"`` (0.1.0) the user's optimizer steps ``U``, ``S``, ``V`` and the allocator reads the
+proposed changes ``ΔU``, ``ΔV`` in their place (``Ũᵀ ΔU = −λ Ũᵀ G V`` for SGD).
 
 All factorizations (QR, SVD) and every rank decision run in :func:`compute_dtype` (fp32, or fp64 for fp64
 inputs) whatever the model dtype. Every function is batched over leading ``...`` dimensions.
