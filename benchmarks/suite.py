@@ -42,8 +42,12 @@ sys.path.insert(0, str(ROOT / "scripts" / "glue"))
 
 from data import OFFLINE_TASKS  # noqa: E402
 
+from peft_geolora import GeoLoraConfig  # noqa: E402
+
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- suite report: begin (benchmarks/suite.py --report) -->", "<!-- suite report: end -->"
 BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")
 ADAPTER_METHODS = METHODS[:4]
@@ -56,10 +60,19 @@ LR_GRID = {
 SEEDS = (0, 1, 2)
 INIT_RANKS = (1, 2, 4, 8, 16, 32)
 INIT_RANK_TASKS = ("rt_polarity", "trec6")
-# GeoLoRA's step-rule ablation beside the default: the 0.1.0 rule (the user's AdamW steps U, S, V) with 0.1.0's
-# settings (scale 1, tau 0.3)
+# GeoLoRA's step rules, each with its own settings spelled out (so a run's JSON says what ran whatever the package
+# defaults are): the user's AdamW steps U, S, V (0.1.0's rule and settings: scale 1, tau 0.3), or the allocator steps
+# the augmented coefficients (scale 1, tau 0.15, growth_tol 0.2). GeoLoRA's learning-rate runs are those of the
+# package's default rule, DEFAULT_RULE.
+DEFAULT_RULE = GeoLoraConfig().step_rule
 ABLATION = {
-    "optimizer": ["geolora.step_rule=optimizer", "geolora.lora_alpha=1", "geolora.tau=0.3", "geolora.growth_tol=null"]
+    "optimizer": ["geolora.step_rule=optimizer", "geolora.lora_alpha=1", "geolora.tau=0.3", "geolora.growth_tol=null"],
+    "coefficient": [
+        "geolora.step_rule=coefficient",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.15",
+        "geolora.growth_tol=0.2",
+    ],
 }
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
@@ -98,6 +111,13 @@ def primary_score(task: str, metrics: dict[str, float]) -> float:
     return statistics.mean(metrics[k] for k in PRIMARY[task])
 
 
+def lr_run(task: str, method: str, lr: float) -> Run:
+    """The learning-rate run of a method: GeoLoRA's are the step-rule runs of the package's default rule."""
+    if method == "geolora":
+        return Run("ablation", task, "geolora", lr, 0, DEFAULT_RULE, tuple(ABLATION[DEFAULT_RULE]))
+    return Run("lr", task, method, lr)
+
+
 def chosen_lrs(results: Path) -> dict[str, float]:
     """Each method's lr: the best mean validation score over LR_TASKS (seed 0); only methods with every run done."""
     chosen = {}
@@ -106,7 +126,7 @@ def chosen_lrs(results: Path) -> dict[str, float]:
         for lr in LR_GRID[method]:
             scores = []
             for task in LR_TASKS:
-                path = Run("lr", task, method, lr).path(results)
+                path = lr_run(task, method, lr).path(results)
                 if path.is_file():
                     scores.append(primary_score(task, json.loads(path.read_text())["metrics"]["validation"]))
             if len(scores) == len(LR_TASKS):
@@ -121,7 +141,7 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         for method in METHODS:
             for task in LR_TASKS:
                 for lr in LR_GRID[method]:
-                    yield Run("lr", task, method, lr)
+                    yield lr_run(task, method, lr)
     elif phase == "test":
         lrs = chosen_lrs(results)
         missing = [m for m in METHODS if m not in lrs]
@@ -274,7 +294,8 @@ def verdicts(table: dict[str, Any], reference: str = "geolora") -> dict[str, dic
 
 def markdown(results: Path) -> str:
     lines = []
-    lr_records = load(results, "lr")
+    ablation = load(results, "ablation")
+    lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == DEFAULT_RULE]
     if lr_records:
         lines += ["**Learning-rate selection** (validation, seed 0; primary score per task):", ""]
         header = "| method | lr | " + " | ".join(LR_TASKS) + " | mean | adapter params |"
@@ -321,12 +342,15 @@ def markdown(results: Path) -> str:
                 spread = f"{max(abs(v - mean) for v in sizes.values()) / mean:.1%}"
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {spread} |")
         lines += [""]
-    ablation = load(results, "ablation")
     if ablation:
-        lines += ["**GeoLoRA step rules** (validation, seed 0):", ""]
+        lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
         lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
-        rows = {"coefficient (default)": [r for r in lr_records if r["method"] == "geolora"]}
-        rows.update({variant: [r for r in ablation if r["variant"] == variant] for variant in ABLATION})
+        rows = {
+            f"{variant}{' (default)' if variant == DEFAULT_RULE else ''}": [
+                r for r in ablation if r["variant"] == variant
+            ]
+            for variant in ABLATION
+        }
         for rule, records in rows.items():
             for task in LR_TASKS:
                 cells = []
@@ -385,9 +409,22 @@ def main(argv: Optional[list[str]] = None) -> None:
         run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks))
     if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
-        (results / "suite.md").write_text(markdown(results))
+        report = markdown(results)
+        (results / "suite.md").write_text(report)
         plot(results, results / "suite.png")
-        print(markdown(results))
+        if results.resolve() == RESULTS.resolve():
+            update_readme(report)
+        print(report)
+
+
+def update_readme(report: str) -> None:
+    """Replace the README's block between the suite markers with the report."""
+    text = README.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"README.md has no suite block ({README_BEGIN} ... {README_END}).")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    README.write_text(f"{head}{README_BEGIN}\n{report}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":
