@@ -5,7 +5,6 @@
     python benchmarks/run.py --study init_rank        # 5: initial-rank invariance (300 steps)
     python benchmarks/run.py --study init_rank_long   # 5b: r0 = 1, 8, 32 over two epochs (1070 steps)
     python benchmarks/run.py --study init_rank_budget # 5c: initial ranks under a global parameter budget
-    python benchmarks/run.py --study lr_bases         # 4b: GeoLoRA with its bases at lr/10 (ablation)
     python benchmarks/run.py --study schedule         # 6: every-step schedule vs cycle
     python benchmarks/run.py --study all --smoke      # CI: every training study with a few steps
 
@@ -37,8 +36,6 @@ CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora")
 LRS = (1e-4, 5e-4, 2e-3, 5e-3, 2e-2)
 DEFAULT_LR = {"geolora": 5e-3, "lora": 5e-4, "adalora": 2e-3}
-# The lr study's ablation: GeoLoRA with its bases U, V at a tenth of the learning rate (S at the full rate).
-SLOW_BASES = "geolora, bases at lr/10"
 LONG_STEPS = 1070  # two epochs of the offline task's 8,566 training snippets at batch 16
 BUDGET = 150_000  # the budgeted initial-rank study's parameter budget (about 45 % of LoRA r=8's 331,776)
 
@@ -130,15 +127,6 @@ def study_quality(smoke: bool) -> dict[str, Any]:
     return {"runs": runs, "table": table}
 
 
-def study_lr_bases(smoke: bool) -> dict[str, Any]:
-    """Ablation beside study 4: GeoLoRA with its bases at lr/10 (``basis_lr_scale=0.1``), same grid and steps."""
-    runs = [
-        run("geolora", [f"lr={lr}", "max_steps=150", "basis_lr_scale=0.1"], smoke) | {"lr": lr, "method": SLOW_BASES}
-        for lr in LRS
-    ]
-    return {"runs": runs, "steps": 150}
-
-
 def study_init_rank(
     smoke: bool, steps: int = 300, r0s: tuple[int, ...] = (1, 2, 4, 8, 16, 32), extra: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -185,7 +173,6 @@ STUDIES = {
     "init_rank": study_init_rank,
     "init_rank_long": study_init_rank_long,
     "init_rank_budget": study_init_rank_budget,
-    "lr_bases": study_lr_bases,
     "schedule": study_schedule,
 }
 
@@ -210,13 +197,10 @@ def plot(study: str, data: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = data["runs"]
-    if study in ("lr", "lr_bases"):
-        if study == "lr_bases" and (path.parent / "lr.json").is_file():  # beside the main study's curves
-            runs = json.loads((path.parent / "lr.json").read_text())["runs"] + runs
-        for m in (*METHODS, SLOW_BASES):
+    if study == "lr":
+        for m in METHODS:
             mine = [r for r in runs if r["method"] == m]
-            style = "--" if m == SLOW_BASES else "-"
-            ax.plot([r["lr"] for r in mine], [r["accuracy"] for r in mine], style, marker="o", label=m)
+            ax.plot([r["lr"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=m)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("validation accuracy")
