@@ -228,19 +228,58 @@ def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
     return record
 
 
+def claim(run: Run, results: Path) -> bool:
+    """Take a run for this process, so that several suite processes can share the work (e.g. one per core with
+    ``OMP_NUM_THREADS=1``): an exclusive lock file holding the owner's PID; a lock whose owner has died is taken over."""
+    path = run.path(results)
+    if path.is_file():
+        return False
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(lock.read_text() or 0)
+            os.kill(owner, 0)
+            return False  # its owner is alive
+        except (ValueError, ProcessLookupError):
+            lock.unlink(missing_ok=True)
+            return claim(run, results)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    if path.is_file():  # finished by another process between the two checks
+        lock.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def run_phase(
-    phase: str, results: Path, smoke: bool, methods: tuple[str, ...] = METHODS, tasks: tuple[str, ...] = OFFLINE_TASKS
+    phase: str,
+    results: Path,
+    smoke: bool,
+    methods: tuple[str, ...] = METHODS,
+    tasks: tuple[str, ...] = OFFLINE_TASKS,
+    variants: Optional[tuple[str, ...]] = None,
 ) -> list[dict[str, Any]]:
     runs = [
         r
         for r in planned_runs(phase, results)
-        if r.method in methods and r.task in tasks and not r.path(results).is_file()
+        if r.method in methods
+        and r.task in tasks
+        and (variants is None or r.variant in variants)
+        and not r.path(results).is_file()
     ]
     done = []
     with tqdm(runs, desc=f"suite {phase}") as progress:
         for run in progress:
+            if not claim(run, results):  # done meanwhile, or running in another suite process
+                continue
             progress.set_postfix_str(run.name)
-            record = execute(run, results, smoke)
+            try:
+                record = execute(run, results, smoke)
+            finally:
+                run.path(results).with_suffix(".lock").unlink(missing_ok=True)
             progress.write(f"{run.name}: {record['primary']} params {record['adapter_params_end']:,}")
             done.append(record)
     return done
@@ -398,6 +437,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--results_dir", default=str(RESULTS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
     parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS, default=list(OFFLINE_TASKS), help="only these")
+    parser.add_argument("--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: rN)")
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     if args.smoke and results.resolve() == RESULTS.resolve():
@@ -406,7 +446,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.smoke:
         phases = ["smoke"]
     for phase in phases:
-        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks))
+        variants = tuple(args.variants) if args.variants else None
+        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants)
     if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
         report = markdown(results)

@@ -90,13 +90,13 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     for method in suite.METHODS:
         for i, lr in enumerate(suite.LR_GRID[method]):
             for task in suite.LR_TASKS:
-                run = suite.Run("lr", task, method, lr)
+                run = suite.lr_run(task, method, lr)
                 run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
                 score = 0.5 + 0.1 * (i == 1) + 0.05 * (task == "trec6")
                 run.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": score}}}))
     chosen = suite.chosen_lrs(tmp_path)
     assert chosen == {m: suite.LR_GRID[m][1] for m in suite.METHODS}
-    suite.Run("lr", "trec6", "lora", suite.LR_GRID["lora"][0]).path(tmp_path).unlink()
+    suite.lr_run("trec6", "lora", suite.LR_GRID["lora"][0]).path(tmp_path).unlink()
     assert "lora" not in suite.chosen_lrs(tmp_path)  # an incomplete grid chooses nothing
 
     records = [_record("trec6", "geolora", 1e-3, s, seed, "test") for seed, s in enumerate((0.80, 0.82, 0.81))]
@@ -105,3 +105,19 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     records += [_record("sms_spam", "lora", 1e-3, s, seed, "test") for seed, s in enumerate((0.80, 0.81, 0.80))]
     verdicts = suite.verdicts(suite.test_table(records))
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
+
+
+def test_suite_runs_are_claimed_once_and_dead_owners_released(tmp_path) -> None:
+    import os
+
+    import suite
+
+    run = suite.Run("lr", "trec6", "lora", 5e-4)
+    assert suite.claim(run, tmp_path)
+    assert not suite.claim(run, tmp_path)  # held by a live process (this one)
+    lock = run.path(tmp_path).with_suffix(".lock")
+    lock.write_text("999999999")  # an owner that no longer exists
+    assert suite.claim(run, tmp_path) and lock.read_text() == str(os.getpid())
+    lock.unlink()
+    run.path(tmp_path).write_text("{}")
+    assert not suite.claim(run, tmp_path) and not lock.exists()  # already done
