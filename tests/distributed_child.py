@@ -19,11 +19,14 @@ from peft_geolora import GeoLoraConfig, RankAllocator
 from tests.tiny_models import build, inputs
 
 
-def main(out: str) -> None:
+def main(out: str, step_rule: str) -> None:
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model, targets = build("bert", seed=0)
     model = get_peft_model(
-        model, GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step")
+        model,
+        GeoLoraConfig(
+            task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule
+        ),
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -63,4 +66,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -192,7 +192,7 @@ def test_weight_decay_on_the_bases_keeps_them_orthonormal(step_rule: str) -> Non
 
 def test_coefficient_rule_leaves_the_factors_out_of_the_optimizer() -> None:
     """The optimizer steps the rest of the model and keeps no state for U, S, V; their grads are consumed."""
-    model = _two_layer_model(schedule="cycle", cycle_length=2)
+    model = _two_layer_model(schedule="cycle", cycle_length=2, step_rule="coefficient")
     head = nn.Parameter(torch.ones(3))
     factors = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([*factors, head], lr=1e-2, weight_decay=0.1)
@@ -209,7 +209,7 @@ def test_coefficient_rule_leaves_the_factors_out_of_the_optimizer() -> None:
 
 def test_coefficient_moment_follows_the_truncation() -> None:
     """The first moment, seen as the matrix Û M V̂ᵀ, is carried exactly onto the kept directions (projected)."""
-    model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, max_rank=4)
+    model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, max_rank=4, step_rule="coefficient")
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     allocator = RankAllocator(model, optimizer)

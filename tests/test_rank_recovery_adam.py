@@ -50,7 +50,11 @@ def relative_error(W: torch.Tensor, A: torch.Tensor) -> float:
 
 
 def run_geolora(target, r0: int, optimizer_name: str, lr: float, steps: int = STEPS, **config):
-    """GeoLoRA with the default scale (``lora_alpha`` not set): tau 0.05, max_rank 16; returns the layer too."""
+    """GeoLoRA's coefficient step rule with the default scale: tau 0.05, max_rank 16; returns the layer too.
+
+    (The default step rule, ``"optimizer"``, misses these targets: README, "Choosing the defaults".)
+    """
+    config.setdefault("step_rule", "coefficient")
     A = target(0) if callable(target) else target
     torch.manual_seed(r0)
     config.setdefault("lora_alpha", GeoLoraConfig().lora_alpha)  # the default scale, whatever r0

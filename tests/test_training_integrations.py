@@ -19,9 +19,14 @@ from .processes import launch_two_processes
 from .tiny_models import VOCAB, build, inputs
 
 
-def _model(seed: int = 0):
+STEP_RULES = ["optimizer", "coefficient"]
+
+
+def _model(seed: int = 0, step_rule: str = "optimizer"):
     model, targets = build("bert", seed=seed)
-    config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step")
+    config = GeoLoraConfig(
+        task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule
+    )
     return get_peft_model(model, config)
 
 
@@ -37,7 +42,7 @@ def _dataset(n: int = 64) -> Dataset:
     )
 
 
-def _trainer(output_dir: Path, max_steps: int) -> Trainer:
+def _trainer(output_dir: Path, max_steps: int, step_rule: str = "optimizer") -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -54,7 +59,9 @@ def _trainer(output_dir: Path, max_steps: int) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    return Trainer(model=_model(), args=args, train_dataset=_dataset(), callbacks=[GeoLoraCallback()])
+    return Trainer(
+        model=_model(step_rule=step_rule), args=args, train_dataset=_dataset(), callbacks=[GeoLoraCallback()]
+    )
 
 
 def _adapter(model) -> dict[str, torch.Tensor]:
@@ -67,8 +74,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path) -> None:
-    full = _trainer(tmp_path / "full", max_steps=12)
+@pytest.mark.parametrize("step_rule", STEP_RULES)
+def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path, step_rule: str) -> None:
+    full = _trainer(tmp_path / "full", max_steps=12, step_rule=step_rule)
     full.train()
     callback = next(cb for cb in full.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
     assert callback.allocator.num_steps == 12
@@ -77,16 +85,18 @@ def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path) -> N
     assert logged and all("geolora_adapter_params" in row for row in logged)
     assert len({row["geolora_total_rank"] for row in logged}) > 1 or logged[0]["geolora_total_rank"] != 4 * 13
 
-    resumed = _trainer(tmp_path / "full", max_steps=12)  # same output dir: resume from checkpoint-6
+    resumed = _trainer(tmp_path / "full", max_steps=12, step_rule=step_rule)  # resume from checkpoint-6
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
     assert _max_diff(_adapter(full.model), _adapter(resumed.model)) <= 1e-6
     resumed_callback = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
     assert resumed_callback.allocator.rank_history() == callback.allocator.rank_history()
 
 
-def _accelerate_run(steps: int, state_dir: Path, save_at: int | None = None, load: bool = False):
+def _accelerate_run(
+    steps: int, state_dir: Path, save_at: int | None = None, load: bool = False, step_rule: str = "optimizer"
+):
     accelerator = Accelerator(cpu=True)
-    model = _model()
+    model = _model(step_rule=step_rule)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     allocator = RankAllocator(model, optimizer)
@@ -105,19 +115,21 @@ def _accelerate_run(steps: int, state_dir: Path, save_at: int | None = None, loa
     return accelerator.unwrap_model(model), allocator
 
 
-def test_accelerate_save_state_load_state_continues_exactly(tmp_path: Path) -> None:
-    full, full_allocator = _accelerate_run(10, tmp_path / "state", save_at=5)
-    resumed, allocator = _accelerate_run(10, tmp_path / "state", load=True)
+@pytest.mark.parametrize("step_rule", STEP_RULES)
+def test_accelerate_save_state_load_state_continues_exactly(tmp_path: Path, step_rule: str) -> None:
+    full, full_allocator = _accelerate_run(10, tmp_path / "state", save_at=5, step_rule=step_rule)
+    resumed, allocator = _accelerate_run(10, tmp_path / "state", load=True, step_rule=step_rule)
     assert allocator.num_steps == 10
     assert allocator.ranks() == full_allocator.ranks()
     assert _max_diff(_adapter(full), _adapter(resumed)) <= 1e-6
 
 
 @pytest.mark.distributed
-def test_two_processes_agree_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step_rule", STEP_RULES)
+def test_two_processes_agree_bit_for_bit(tmp_path: Path, step_rule: str) -> None:
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU), different data per process, GA 2."""
     out = tmp_path / "result.json"
-    launch_two_processes("-m", "tests.distributed_child", str(out))
+    launch_two_processes("-m", "tests.distributed_child", str(out), step_rule)
     result = json.loads(out.read_text())
     assert result["num_processes"] == 2
     assert result["distributed_type"] == "MULTI_CPU"
