@@ -57,8 +57,12 @@ def build(name: str, path: str, total_steps: int):
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, schedule="step", **common)
     elif name == "geolora_pinned_r8_cycle":
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, **common)
-    else:  # geolora_adaptive: the offline task's settings
-        config = GeoLoraConfig(r=8, max_rank=16, tau=0.3, **common)
+    elif name == "geolora_coefficient_pinned_r8_cycle":
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="coefficient", **common)
+    elif name == "geolora_coefficient_adaptive":
+        config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="coefficient", **common)
+    else:  # geolora_adaptive: the default rule and settings
+        config = GeoLoraConfig(r=8, max_rank=16, **common)
     model = get_peft_model(base, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -109,7 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
         batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
         batch["labels"] = torch.tensor(rows["label"])
         batches.append(batch)
-    names = ["lora_r8", "geolora_pinned_r8_step", "geolora_pinned_r8_cycle", "geolora_adaptive", "adalora"]
+    names = [
+        "lora_r8",
+        "geolora_pinned_r8_step",
+        "geolora_pinned_r8_cycle",
+        "geolora_adaptive",
+        "geolora_coefficient_pinned_r8_cycle",
+        "geolora_coefficient_adaptive",
+        "adalora",
+    ]
     setups = {name: build(name, path, steps + warmup) for name in names}
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
@@ -148,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
             "geolora_pinned_r8_cycle / lora_r8": median["geolora_pinned_r8_cycle"] / median["lora_r8"],
             "geolora_adaptive / lora_r8": median["geolora_adaptive"] / median["lora_r8"],
             "geolora_adaptive / adalora": median["geolora_adaptive"] / median["adalora"],
+            "geolora_coefficient_pinned_r8_cycle / lora_r8": median["geolora_coefficient_pinned_r8_cycle"]
+            / median["lora_r8"],
+            "geolora_coefficient_adaptive / adalora": median["geolora_coefficient_adaptive"] / median["adalora"],
         },
     }
     print(json.dumps(result, indent=2))
