@@ -31,13 +31,13 @@ GEO_CASES = [
         "Vanilla MLP 6 GeoLoRA",
         "MLP",
         GeoLoraConfig,
-        {"target_modules": ["lin0"], "lora_alpha": 4, "lora_dropout": 0.1},
+        {"target_modules": ["lin0"], "lora_alpha": 0.5, "lora_dropout": 0.1},
     ),
     (
         "Vanilla MLP 7 GeoLoRA small ranks",
         "MLP",
         GeoLoraConfig,
-        {"target_modules": ["lin0", "lin1"], "r": 2, "max_rank": 4, "tau": 0.2, "lora_alpha": 2},
+        {"target_modules": ["lin0", "lin1"], "r": 2, "max_rank": 4, "tau": 0.2, "lora_alpha": 1},
     ),
     ("Vanilla MLP 8 GeoLoRA regex", "MLP", GeoLoraConfig, {"target_modules": ".*lin[01]"}),
     (
