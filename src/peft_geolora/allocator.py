@@ -130,6 +130,17 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _new_directions(
+    U: torch.Tensor, dU: torch.Tensor, V: torch.Tensor, dV: torch.Tensor, room: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ũ (B, m, k) ⊥ U and Ṽ (B, n, k) ⊥ V from the moves dU, dV, at most ``room`` each and equally many on both
+    sides (a side with no room left keeps Ŝ square)."""
+    U_tilde = integrator.augment_basis(U, dU, max_new=room)  # (B, m, p)
+    V_tilde = integrator.augment_basis(V, dV, max_new=room)  # (B, n, q)
+    k = min(U_tilde.shape[-1], V_tilde.shape[-1])
+    return U_tilde[..., :k], V_tilde[..., :k]
+
+
 def _pad(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, r, r) → (B, r + k, r + k), zeros in the new rows and columns."""
     return torch.nn.functional.pad(x, (0, k, 0, k))
@@ -443,10 +454,8 @@ class RankAllocator:
             M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
             v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
             if augment:
-                U_tilde = integrator.augment_basis(U, GU, max_new=capacity - r)  # (B, m, p)
-                V_tilde = integrator.augment_basis(V, GV, max_new=capacity - r)  # (B, n, q)
-                k = min(U_tilde.shape[-1], V_tilde.shape[-1])  # a side with no room left: keep Ŝ square
-                U_tilde, V_tilde = U_tilde[..., :k], V_tilde[..., :k]
+                U_tilde, V_tilde = _new_directions(U, GU, V, GV, capacity - r)
+                k = U_tilde.shape[-1]
                 G_hat = integrator.assemble_coefficients(GS, U_tilde, GU, V_tilde, GV)  # (B, r + k, r + k)
                 U, V = torch.cat([U, U_tilde], dim=-1), torch.cat([V, V_tilde], dim=-1)
                 S, M = _pad(S, k), _pad(M, k)
@@ -458,14 +467,7 @@ class RankAllocator:
                 num_entries = r * r
             S, M, v = self._step_coefficients(S, G_hat, M, v, num_entries, self._hyper[group])
             pending.append(_Pending(members, U, S, V, M, v, S0))
-        if truncate:
-            self._truncate(pending)
-        else:
-            self._open_cycle = True
-            for item in pending:
-                for b, i in enumerate(item.members):
-                    state.store(i, item.M[b], item.v[b], item.S0[b])
-                    self._write(i, item.U[b], item.S[b], item.V[b], record=False)
+        self._finish_step(pending, truncate)
 
     def _step_coefficients(
         self,
@@ -517,22 +519,25 @@ class RankAllocator:
             V0 = torch.stack([self._snapshot[i][2][:, :r] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self._stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
-            U_tilde = integrator.augment_basis(U0, dU, max_new=capacity - r)  # (B, m, p)
-            V_tilde = integrator.augment_basis(V0, dV, max_new=capacity - r)  # (B, n, q)
-            k = min(U_tilde.shape[-1], V_tilde.shape[-1])
-            U_tilde, V_tilde = U_tilde[..., :k], V_tilde[..., :k]
+            U_tilde, V_tilde = _new_directions(U0, dU, V0, dV, capacity - r)
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
             for i in members:
                 a = self.adapters[i]
                 optimizer_state.pad_state(self.optimizer, a.U, a.S, a.V, r)
             pending.append(_Pending(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
+        self._finish_step(pending, truncate)
+
+    def _finish_step(self, pending: list[_Pending], truncate: bool) -> None:
+        """Truncate the stepped adapters, or write them as they are (an open cycle), with their coefficient state."""
         if truncate:
             self._truncate(pending)
-        else:
-            self._open_cycle = True
-            for item in pending:
-                for b, i in enumerate(item.members):
-                    self._write(i, item.U[b], item.S[b], item.V[b], record=False)
+            return
+        self._open_cycle = True
+        for item in pending:
+            for b, i in enumerate(item.members):
+                if item.M is not None:
+                    self._coefficients.store(i, item.M[b], item.v[b], item.S0[b])
+                self._write(i, item.U[b], item.S[b], item.V[b], record=False)
 
     # ------------------------------------------------------------------ truncation
     def _truncate_in_place(self) -> None:
