@@ -265,7 +265,8 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
             losses.append(loss.item())
             postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
             if allocator is not None:
-                postfix["rank"] = allocator.total_rank()
+                postfix["rank"] = allocator.total_rank(kept=True)  # not an open cycle's transient augmented rank
+                postfix["params"] = f"{allocator.num_adapter_parameters(kept=True):,}"
             progress.set_postfix(postfix)
             progress.update(1)
             if step >= total_steps:

@@ -6,16 +6,18 @@ factors rewritten in place → next batch. The allocator is the only thing that 
 
 Step rules (``step_rule``):
 
-* ``"coefficient"`` (default): a pre-step hook on the optimizer takes the adapter gradients (so the optimizer
+* ``"coefficient"``: a pre-step hook on the optimizer takes the adapter gradients (so the optimizer
   skips ``U``, ``S``, ``V`` and keeps no state for them) and :meth:`RankAllocator.step` steps the augmented
   coefficient matrix with the optimizer's current hyperparameters (:mod:`peft_geolora.coefficient_optimizer`).
-* ``"optimizer"`` (0.1.0): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
+* ``"optimizer"`` (the default, and 0.1.0's rule): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
   and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`).
 
 Schedules (``schedule``, ``cycle_length`` = c): the optimizer steps are grouped in cycles of c + 1. At the first
 step of a cycle the bases are augmented with the new directions of the gradient; at the other steps only the
 coefficients train on the augmented basis; at the last step of a cycle the augmented adapter is truncated.
-``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1).
+``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1). :meth:`RankAllocator.finish`
+closes an open cycle early (truncates now) and the next step starts a new one; the Trainer callback does this
+before every evaluation and checkpoint, so they only ever see kept adapters.
 """
 
 from __future__ import annotations
@@ -224,6 +226,11 @@ class RankAllocator:
         self._pending = False
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
         self._open_cycle = False  # augmented, not yet truncated
+        self._cycle_origin = 0  # the step count after which the current run of cycles began (moved by finish())
+        # a continued run (adapter loaded with its rank history) records its changes after the earlier run's
+        self._history_offset = max(
+            (event[0] for a in self.adapters for event in a.layer.rank_history.get(a.adapter, [])), default=0
+        )
         self._warned: set[str] = set()
         # step_rule="optimizer": factors (and, for a non-finite step, optimizer state) before optimizer.step()
         self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
@@ -361,7 +368,7 @@ class RankAllocator:
             return
         self._pending = False
         self.num_steps += 1
-        position = (self.num_steps - 1) % (self._cycle_length() + 1)
+        position = (self.num_steps - 1 - self._cycle_origin) % (self._cycle_length() + 1)
         augment, truncate = position == 0, position == self._cycle_length()
         if self.uses_coefficient_step:
             if self._grads is None:
@@ -398,14 +405,16 @@ class RankAllocator:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End training on a truncation: if a cycle is open, truncate now so the adapters hold their kept ranks.
+        """Close an open cycle now: truncate, so the adapters hold their kept ranks; a no-op otherwise.
 
-        Call it once after the last step (the Trainer callback does) before saving; a no-op otherwise.
+        Call it after the last step, and before evaluating or saving in the middle of training (the Trainer
+        callback does both). Training may continue afterwards: the next step starts a new cycle.
         """
         if not self.is_augmented():
             return
         self._truncate_in_place()
         self._publish()
+        self._cycle_origin = self.num_steps
 
     def _ranks_may_change(self) -> bool:
         t = self.num_steps
@@ -633,7 +642,7 @@ class RankAllocator:
             history = a.layer.rank_history.setdefault(a.adapter, [])
             kept = history[-1][1] if history else self._base_ranks.get(i, a.rank)
             if r1 != kept:
-                history.append((self.num_steps, r1))
+                history.append((self.num_steps + self._history_offset, r1))
         a.layer.set_rank(a.adapter, r1)
 
     # ------------------------------------------------------------------ distributed
@@ -654,20 +663,28 @@ class RankAllocator:
                 a.layer.set_rank(a.adapter, r)
 
     # ------------------------------------------------------------------ reporting and resume
-    def ranks(self) -> dict[str, int]:
-        """Active rank of every adapted layer, by module name."""
+    def ranks(self, kept: bool = False) -> dict[str, int]:
+        """Active rank of every adapted layer, by module name.
+
+        ``kept=True``: during an open cycle, the ranks kept before its augmentation (what training keeps so far)
+        instead of the transient augmented ones; outside a cycle both are the same.
+        """
+        if kept and self._open_cycle:
+            return {a.name: self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)}
         return {a.name: a.rank for a in self.adapters}
 
     def rank_history(self) -> dict[str, list[tuple[int, int]]]:
         """Per layer, the (optimizer step, kept rank) pairs at which a truncation changed its rank."""
         return {a.name: list(a.layer.rank_history.get(a.adapter, [])) for a in self.adapters}
 
-    def total_rank(self) -> int:
-        return sum(a.rank for a in self.adapters)
+    def total_rank(self, kept: bool = False) -> int:
+        """Σ r over the adapted layers (``kept``: as in :meth:`ranks`)."""
+        return sum(self.ranks(kept).values())
 
-    def num_adapter_parameters(self) -> int:
-        """Trainable adapter parameters at the current ranks: Σ r (m + n + r)."""
-        return sum(a.layer.num_active_parameters(a.adapter) for a in self.adapters)
+    def num_adapter_parameters(self, kept: bool = False) -> int:
+        """Trainable adapter parameters at the active ranks: Σ r (m + n + r) (``kept``: as in :meth:`ranks`)."""
+        ranks = self.ranks(kept)
+        return sum(r * (a.U.shape[0] + a.V.shape[0] + r) for a, r in zip(self.adapters, ranks.values()))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs beyond the adapter weights and the optimizer's own state.
@@ -680,6 +697,8 @@ class RankAllocator:
             "num_truncations": self._num_truncations,
             "base_ranks": [self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)],
             "open_cycle": self._open_cycle,
+            "cycle_origin": self._cycle_origin,
+            "history_offset": self._history_offset,
             "rank_history": {k: [list(e) for e in v] for k, v in self.rank_history().items()},
             "step_rule": self.config.step_rule,
         }
@@ -709,6 +728,8 @@ class RankAllocator:
         self._num_truncations = int(state.get("num_truncations", 0))
         self._base_ranks = dict(enumerate(state.get("base_ranks", [])))
         self._open_cycle = bool(state.get("open_cycle", False))
+        self._cycle_origin = int(state.get("cycle_origin", 0))
+        self._history_offset = int(state.get("history_offset", 0))
         history = state.get("rank_history", {})
         for a in self.adapters:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]

@@ -53,7 +53,9 @@ class GeoLoraCallback(TrainerCallback):
 
     ``Trainer(model=peft_model, ..., callbacks=[GeoLoraCallback()])``. The allocator is built when the Trainer
     has created its optimizer, stepped after every real optimizer step (a step the AMP scaler skipped never
-    reaches the optimizer and is skipped here too), saved into each checkpoint as ``geolora_allocator.json`` (with
+    reaches the optimizer and is skipped here too), closes an open rank cycle before every evaluation, checkpoint and
+    the end of training (so they all see the kept adapter, and ``load_best_model_at_end`` ends with exactly the best
+    checkpoint's adapter), saved into each checkpoint as ``geolora_allocator.json`` (with
     the coefficient step's moments in ``geolora_allocator.safetensors``) and restored on ``resume_from_checkpoint``. Logs gain ``geolora_total_rank`` and ``geolora_adapter_params``.
 
     Parameters
@@ -84,11 +86,36 @@ class GeoLoraCallback(TrainerCallback):
     ) -> None:
         self.allocator.step()
 
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Before the Trainer evaluates, saves or stops at this step, close an open cycle (kept adapters only)."""
+        self._close_cycle_if_needed(control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._close_cycle_if_needed(control)
+
+    def _close_cycle_if_needed(self, control: TrainerControl) -> None:
+        """Evaluations, checkpoints (so also ``load_best_model_at_end``) and the end of training see kept adapters.
+
+        The default flow callback, which runs before this one, has just decided whether the Trainer evaluates,
+        saves or stops now; if so the allocator truncates the open cycle (and starts a new one at the next step).
+        """
+        if self.allocator is not None and (
+            control.should_evaluate or control.should_save or control.should_training_stop
+        ):
+            self.allocator.finish()
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Close an open cycle with its truncation, so the final adapter holds its kept ranks."""
-        if self.allocator is not None:
+        """Close a cycle still open (training stopped by another callback after this one's ``on_step_end``).
+
+        Never when ``load_best_model_at_end`` has just loaded the best checkpoint: that is already a kept adapter.
+        """
+        if self.allocator is not None and not (args.load_best_model_at_end and state.best_model_checkpoint):
             self.allocator.finish()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -122,8 +122,21 @@ def _export(
     return lora_config
 
 
-def export_to_lora(model: nn.Module, out_dir: Union[str, os.PathLike], adapter_name: str = "default") -> LoraConfig:
-    """Save the GeoLoRA adapter of a live ``PeftModel`` as an exactly equivalent plain LoRA adapter."""
+def export_to_lora(
+    model: nn.Module, out_dir: Union[str, os.PathLike], adapter_name: Optional[str] = None
+) -> LoraConfig:
+    """Save the GeoLoRA adapter of a live ``PeftModel`` as an exactly equivalent plain LoRA adapter.
+
+    ``adapter_name``: default, the model's active adapter.
+    """
+    if adapter_name is None:
+        active = getattr(model, "active_adapter", "default")
+        adapter_name = active if isinstance(active, str) else active[0]
+    if adapter_name not in model.peft_config:
+        raise ValueError(
+            f"The model has no adapter named `{adapter_name}`; its adapters are {sorted(model.peft_config)}. Pass "
+            "one of them as `adapter_name`."
+        )
     config = model.peft_config[adapter_name]
     if not isinstance(config, GeoLoraConfig):
         raise TypeError(f"Adapter `{adapter_name}` is not a GeoLoRA adapter (its config is {type(config).__name__}).")

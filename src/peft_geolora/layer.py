@@ -266,12 +266,21 @@ class Linear(nn.Module, GeoLoraLayer):
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
+        compiling = torch.compiler.is_compiling()
         for name in self.active_adapters:
-            if name not in self.geolora_U or self.rank[name] == 0:
+            if name not in self.geolora_U:
                 continue
-            if self.training and torch.is_grad_enabled():
-                self._check_allocator_runs(name)
-            U, S, V = self.active_factors(name)
+            if compiling:
+                # Under torch.compile the adapter runs at its reserved capacity: the factors are exactly zero beyond
+                # the active rank, so the output and the gradients inside the active slices are those of the
+                # sliced adapter, and no guard on the rank exists, so rank changes never recompile.
+                U, S, V = self.geolora_U[name], self.geolora_S[name], self.geolora_V[name]
+            elif self.rank[name] == 0:
+                continue
+            else:
+                if self.training and torch.is_grad_enabled():
+                    self._check_allocator_runs(name)
+                U, S, V = self.active_factors(name)
             x_in = self.geolora_dropout[name](self._cast_input_dtype(x, U.dtype))
             result = result + GeoLoraFunction.apply(
                 x_in, U, S, V, self.scaling[name], self.integrated.get(name, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -49,9 +50,11 @@ class GeoLoraModel(BaseTuner):
             "init_weights": peft_config.init_weights,
         }
         expected_rank = (peft_config.rank_pattern or {}).get(current_key)  # set when built from a saved config
+        history = [tuple(event) for event in (peft_config.rank_history or {}).get(current_key, [])]
         if isinstance(target, GeoLoraLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
             target.expected_rank[adapter_name] = expected_rank
+            target.rank_history[adapter_name] = history
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if _is_quantized(base):
@@ -64,6 +67,7 @@ class GeoLoraModel(BaseTuner):
             raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
         new_module = Linear(target, adapter_name, **kwargs)
         new_module.expected_rank[adapter_name] = expected_rank
+        new_module.rank_history[adapter_name] = history  # a saved adapter's history continues in a new run
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -91,6 +95,14 @@ class GeoLoraModel(BaseTuner):
             )
         allocator.step()
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: GeoLoRA adapters have per-layer ranks and their own factor layout."""
+        raise TypeError(
+            f"{type(self).__name__} does not support `add_weighted_adapter`. Convert the GeoLoRA adapters to plain "
+            "LoRA first with `peft_geolora.export_to_lora(model, out_dir)` (exact), load them as LoRA adapters, and "
+            "combine them with LoRA's own `add_weighted_adapter`."
+        )
+
     @classmethod
     def _get_adapter_state_dict(
         cls,
@@ -101,6 +113,7 @@ class GeoLoraModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """Select the adapter's tensors trimmed to their active ranks; record the ranks in ``config``."""
+        _warn_if_mid_cycle(model, adapter_name)
         selected = super()._get_adapter_state_dict(
             model=model,
             config=config,
@@ -164,6 +177,21 @@ class GeoLoraModel(BaseTuner):
             if isinstance(module, GeoLoraLayer):
                 module.expected_rank.pop(adapter_name, None)
         return remapped
+
+
+def _warn_if_mid_cycle(model: nn.Module, adapter_name: str) -> None:
+    """Saving between an augmentation and its truncation writes the transient augmented adapter: say how to avoid it."""
+    for module in model.modules():
+        allocator = module.__dict__.get("_geolora_allocator")
+        if allocator is not None and allocator.adapter_name == adapter_name and allocator.is_augmented():
+            warnings.warn(
+                f"Saving GeoLoRA adapter `{adapter_name}` in the middle of a rank cycle: it holds its augmented bases "
+                f"(total rank {allocator.total_rank()}, of which training has kept {allocator.total_rank(kept=True)} "
+                "so far). Call `allocator.finish()` before `save_pretrained` to save the kept adapter (training can "
+                "continue after it); the transformers Trainer with GeoLoraCallback does this before every checkpoint.",
+                stacklevel=4,
+            )
+            return
 
 
 _QUANTIZATION_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "torchao", "optimum", "eetq")
