@@ -251,7 +251,7 @@ def test_push_to_hub_uploads_the_adapter_and_its_card(monkeypatch, tmp_path: Pat
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
     assert "import peft_geolora" in card and "GeoLoRA" in card
-    assert "| validation | accuracy |" in card and "## Final ranks" in card
+    assert "| validation | accuracy |" in card and "### Final ranks" in card
 
 
 @pytest.mark.distributed

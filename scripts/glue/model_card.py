@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+from peft_geolora.model_card import geolora_section
 
 
-def model_card(results: dict[str, Any]) -> str:
-    """Markdown with Hub metadata: base model, tuner, final ranks, metrics, and how to load the adapter."""
+def model_card(results: dict[str, Any], geolora_ranks: Optional[dict[str, tuple[int, int]]] = None) -> str:
+    """Markdown with Hub metadata: base model, tuner, metrics; for GeoLoRA (``geolora_ranks`` from
+    :func:`peft_geolora.model_card.adapter_ranks`) the package's own section: loading, size, final ranks."""
     method = results["method"]
     tuner = {
         "geolora": "GeoLoRA (peft-geolora)",
@@ -42,29 +45,6 @@ def model_card(results: dict[str, Any]) -> str:
         metrics,
         "",
     ]
-    if method == "geolora":
-        ranks = "\n".join(
-            f"| `{name.removeprefix('base_model.model.')}` | {rank} |" for name, rank in results["ranks"].items()
-        )
-        lines += [
-            "## Loading",
-            "",
-            "GeoLoRA is a plugin tuner: `import peft_geolora` before loading, or PEFT fails with `KeyError: 'GEOLORA'`.",
-            "",
-            "```python",
-            "import peft_geolora  # pip install peft-geolora; registers the 'geolora' tuner with PEFT",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForSequenceClassification",
-            "",
-            f'base = AutoModelForSequenceClassification.from_pretrained("{results["base_model"]}")',
-            'model = PeftModel.from_pretrained(base, "<this repository>")',
-            "```",
-            "",
-            "## Final ranks",
-            "",
-            "| layer | rank |",
-            "|---|---|",
-            ranks,
-            "",
-        ]
+    if geolora_ranks is not None:
+        lines.append(geolora_section(geolora_ranks, results["base_model"], "AutoModelForSequenceClassification"))
     return "\n".join(lines)

@@ -381,7 +381,8 @@ def write_outputs(
     tmp.mkdir(parents=True)
     if save_model:
         model.save_pretrained(tmp / "adapter")
-        (tmp / "adapter" / "README.md").write_text(model_card(results))
+        ranks = peft_geolora.model_card.adapter_ranks(model, "default") if results["method"] == "geolora" else None
+        (tmp / "adapter" / "README.md").write_text(model_card(results, ranks))
     (tmp / "results.json").write_text(json.dumps(results, indent=2))
     if results["ranks"]:
         plot_ranks(results["rank_history"], initial_ranks, results["steps"], tmp / "ranks.png")

@@ -30,6 +30,7 @@ from .export import export_adapter_dir, export_to_lora, geolora_from_lora  # noq
 from .layer import GeoLoraLayer, Linear  # noqa: E402
 from .loading import DamagedAdapterError, check_adapter_dir, from_pretrained  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
+from .model_card import install as install_model_card  # noqa: E402
 from .parameter_count import install as install_parameter_count  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
 from .transformers_loading import install as install_transformers_loading  # noqa: E402
@@ -38,6 +39,7 @@ from .transformers_loading import install as install_transformers_loading  # noq
 register(GeoLoraConfig, GeoLoraModel)
 install_transformers_loading()
 install_parameter_count()
+install_model_card()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from peft import PeftModel
 from torch import nn
@@ -82,11 +82,49 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
-def from_pretrained(model: nn.Module, path: Union[str, os.PathLike], **kwargs: Any) -> PeftModel:
-    """``PeftModel.from_pretrained(model, path, **kwargs)`` after :func:`check_adapter_dir` on a local folder.
+def from_pretrained(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    **kwargs: Any,
+) -> PeftModel:
+    """``PeftModel.from_pretrained(model, path, ...)`` after :func:`check_adapter_dir` on the files it will read.
 
-    A Hub repository id (not a local folder) is passed straight to PEFT.
+    ``path`` is a local folder or a Hub repository id (with ``revision`` and ``subfolder`` as in PEFT). A repository's
+    files are resolved by the Hub client first (from its cache, or downloaded), then checked where they lie, so a
+    truncated or corrupted download raises :class:`DamagedAdapterError` naming the repository and the file; PEFT
+    then loads exactly those files.
     """
     if Path(path).is_dir():
-        check_adapter_dir(path)
-    return PeftModel.from_pretrained(model, path, **kwargs)
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        check_adapter_dir(folder)
+        return PeftModel.from_pretrained(model, str(folder), revision=revision, **kwargs)
+    folder = _resolve_from_hub(str(path), revision, subfolder, kwargs)
+    try:
+        check_adapter_dir(folder)
+    except DamagedAdapterError as exc:
+        where = f"`{path}`" + (f" (revision `{revision}`)" if revision else "")
+        raise DamagedAdapterError(
+            f"The adapter downloaded from the Hub repository {where} is damaged: {exc} Delete the cached files "
+            f"(`huggingface-cli delete-cache`, or the folder {folder}) and download them again."
+        ) from exc
+    return PeftModel.from_pretrained(model, str(folder), **kwargs)
+
+
+def _resolve_from_hub(repo_id: str, revision: Optional[str], subfolder: Optional[str], kwargs: dict[str, Any]) -> Path:
+    """The local folder (in the Hub cache) holding the adapter's config and weights, downloading them if needed."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    options = {k: kwargs[k] for k in ("cache_dir", "token", "force_download", "local_files_only") if k in kwargs}
+    options.update(revision=revision, subfolder=subfolder or None)
+    config_file = Path(hf_hub_download(repo_id, CONFIG_NAME, **options))
+    for weights in (SAFETENSORS_NAME, "adapter_model.bin"):
+        try:
+            hf_hub_download(repo_id, weights, **options)
+            break
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            continue
+    return config_file.parent
