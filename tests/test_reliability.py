@@ -37,7 +37,7 @@ def test_unsupported_quantized_base_layers_are_refused_naming_the_supported_ones
 def test_sharded_factors_are_refused() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
     model.base_model.model[0].geolora_U["default"].ds_id = 7  # what DeepSpeed ZeRO-3 attaches to its parameters
-    with pytest.raises(RuntimeError, match="FSDP or DeepSpeed ZeRO-3"):
+    with pytest.raises(RuntimeError, match="FSDP1 .FullyShardedDataParallel. or DeepSpeed ZeRO-3"):
         RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
@@ -122,3 +122,35 @@ def test_zero_gradients_at_initialisation_do_not_break_the_step() -> None:
     U, S, _V = (t.detach() for t in layer.active_factors("default"))
     assert layer.rank["default"] == 1  # min_rank: nothing to keep
     assert torch.isfinite(U).all() and orthonormality_error(U) < 1e-6 and torch.all(S == 0)
+
+
+def test_fsdp2_shards_with_the_default_step_rule_are_refused_naming_the_coefficient_rule(tmp_path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), GeoLoraConfig(target_modules=["0"], r=2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(RuntimeError, match="sharded by FSDP2. Use `step_rule='coefficient'`"):
+            RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1), step_rule="coefficient")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class FakeZeroOptimizer:
+    """Stands in for DeepSpeed's ZeRO-1/2 optimizer: a torch optimizer over flat partitions, wrapped."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+
+FakeZeroOptimizer.__module__ = "deepspeed.runtime.zero.stage_1_and_2"
+
+
+def test_deepspeed_zero_optimizers_are_refused_naming_what_works() -> None:
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
+    flat = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])
+    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO stages 1-3.*ZeRO stage 0.*FSDP2"):
+        RankAllocator(model, FakeZeroOptimizer(flat))

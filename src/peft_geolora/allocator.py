@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import integrator, optimizer_state
+from . import integrator, optimizer_state, sharding
 from .coefficient_optimizer import (
     CoefficientState,
     StepHyperparameters,
@@ -72,18 +72,20 @@ class _Adapter:
     name: str
     layer: GeoLoraLayer
     adapter: str
+    # FSDP2: the whole factors (U, S, V) gathered for one rewrite; the allocator reads and writes these instead
+    whole: Optional[list[torch.Tensor]] = None
 
     @property
-    def U(self) -> nn.Parameter:
-        return self.layer.geolora_U[self.adapter]
+    def U(self) -> torch.Tensor:
+        return self.whole[0] if self.whole is not None else self.layer.geolora_U[self.adapter]
 
     @property
-    def S(self) -> nn.Parameter:
-        return self.layer.geolora_S[self.adapter]
+    def S(self) -> torch.Tensor:
+        return self.whole[1] if self.whole is not None else self.layer.geolora_S[self.adapter]
 
     @property
-    def V(self) -> nn.Parameter:
-        return self.layer.geolora_V[self.adapter]
+    def V(self) -> torch.Tensor:
+        return self.whole[2] if self.whole is not None else self.layer.geolora_V[self.adapter]
 
     @property
     def rank(self) -> int:
@@ -94,7 +96,12 @@ class _Adapter:
         return self.layer.capacity[self.adapter]
 
     def parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
-        return self.U, self.S, self.V
+        """The factor parameters themselves (sharded ``DTensor``s under FSDP2)."""
+        return (
+            self.layer.geolora_U[self.adapter],
+            self.layer.geolora_S[self.adapter],
+            self.layer.geolora_V[self.adapter],
+        )
 
 
 @dataclass
@@ -125,6 +132,16 @@ def _unwrap_peft_model(model: nn.Module) -> nn.Module:
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers)."""
+    wrapper = optimizer
+    while wrapper is not None:
+        if type(wrapper).__module__.startswith("deepspeed.runtime.zero"):
+            raise RuntimeError(
+                "GeoLoRA's RankAllocator cannot run under DeepSpeed ZeRO stages 1-3: their optimizer steps flat "
+                "partitions of the parameters, so neither the factors' gradients nor their optimizer steps are "
+                "visible per factor. Use ZeRO stage 0 (checked on 2 CPU processes), torch DDP, or FSDP2 "
+                "(`fully_shard`) with `step_rule='coefficient'`."
+            )
+        wrapper = getattr(wrapper, "optimizer", None)
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -262,20 +279,26 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ checks, hooks and bookkeeping
     def _check_parameters_are_whole(self, model: nn.Module) -> None:
-        """The allocator rewrites whole factors in place: sharded ones (FSDP, DeepSpeed ZeRO-3) are refused."""
+        """FSDP2 shards are gathered around each rewrite (coefficient rule); FSDP1 and DeepSpeed ZeRO-3 are refused."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        sharded = isinstance(model, FullyShardedDataParallel) or any(
+        fsdp1 = isinstance(model, FullyShardedDataParallel) or any(
             isinstance(m, FullyShardedDataParallel) for m in model.modules()
         )
-        for a in self.adapters:
-            for p in a.parameters():
-                sharded |= hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor"
-        if sharded:
+        params = [p for a in self.adapters for p in a.parameters()]
+        if fsdp1 or any(hasattr(p, "ds_id") for p in params):
             raise RuntimeError(
-                "GeoLoRA's RankAllocator needs whole (unsharded) factors, but the model is sharded by FSDP or "
-                "DeepSpeed ZeRO-3. Train with DDP (accelerate's MULTI_GPU / MULTI_CPU) or DeepSpeed ZeRO-1/2; the "
-                "adapters are small, so sharding them saves little."
+                "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel) or DeepSpeed "
+                "ZeRO-3. Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`) and "
+                "`step_rule='coefficient'`, or train with DDP or DeepSpeed ZeRO-1/2."
+            )
+        self._sharded = any(sharding.is_sharded(p) for p in params)
+        if self._sharded and not self.uses_coefficient_step:
+            raise RuntimeError(
+                "The model's GeoLoRA factors are sharded by FSDP2. Use `step_rule='coefficient'` (in GeoLoraConfig or "
+                "RankAllocator(..., step_rule='coefficient')): the allocator then steps the factors itself and the "
+                "optimizer keeps no state for them, so only the factors need gathering. The default rule would need "
+                "the optimizer's sharded moments as well."
             )
 
     def _check_budget_covers_floors(self) -> None:
@@ -321,8 +344,12 @@ class RankAllocator:
                 "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
                 "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
             )
-        finite = self._gradients_finite()
-        self._grads = [tuple(p.grad for p in a.parameters()) for a in self.adapters] if finite else None
+        flat = sharding.gather_columns(
+            [p.grad for a in self.adapters for p in a.parameters()], [a.rank for a in self.adapters for _ in "USV"]
+        )
+        grads = [tuple(flat[3 * i : 3 * i + 3]) for i in range(len(self.adapters))]
+        finite = all(bool(torch.isfinite(g).all()) for per_adapter in grads for g in per_adapter if g is not None)
+        self._grads = grads if finite else None
         for p in self._factor_params():
             p.grad = None
         self._hyper = {g: read_hyperparameters(self.optimizer, self._kind, g) for g in sorted(set(self._group_of))}
@@ -374,6 +401,7 @@ class RankAllocator:
             if self._grads is None:
                 self._warn_nonfinite()
                 return
+            self._gather()
             self._coefficient_step(augment, truncate)
             self._grads = None
         else:
@@ -389,11 +417,25 @@ class RankAllocator:
             self._snapshot = None
         self._publish()
 
+    def _gather(self) -> None:
+        """FSDP2: gather every factor whole before a rewrite (the allocator then reads and writes those)."""
+        if self._sharded:
+            flat = sharding.gather_columns(
+                [p for a in self.adapters for p in a.parameters()], [a.rank for a in self.adapters for _ in "USV"]
+            )
+            for i, a in enumerate(self.adapters):
+                a.whole = flat[3 * i : 3 * i + 3]
+
     def _publish(self) -> None:
-        """After a rewrite: make every process hold process 0's adapters, and tell the layers they are current."""
+        """After a rewrite: make every process hold process 0's adapters (FSDP2: each writes its shard back), and
+        tell the layers they are current."""
         if self.sync_processes:
             self._broadcast_from_main_process()
         for a in self.adapters:
+            if a.whole is not None:
+                for param, whole in zip(a.parameters(), a.whole):
+                    sharding.write_local(param, whole)
+                a.whole = None
             a.layer.mark_allocated(a.adapter)
 
     def _cycle_length(self) -> int:
@@ -412,6 +454,7 @@ class RankAllocator:
         """
         if not self.is_augmented():
             return
+        self._gather()
         self._truncate_in_place()
         self._publish()
         self._cycle_origin = self.num_steps
@@ -638,29 +681,42 @@ class RankAllocator:
         a.U[:, :r1] = U.to(a.U.dtype)
         a.S[:r1, :r1] = S.to(a.S.dtype)
         a.V[:, :r1] = V.to(a.V.dtype)
+        a.U[:, r1:] = 0
+        a.V[:, r1:] = 0
+        a.S[r1:, :] = 0
+        a.S[:, r1:] = 0
         if record:
             history = a.layer.rank_history.setdefault(a.adapter, [])
             kept = history[-1][1] if history else self._base_ranks.get(i, a.rank)
             if r1 != kept:
                 history.append((self.num_steps + self._history_offset, r1))
-        a.layer.set_rank(a.adapter, r1)
+        a.layer.set_rank(a.adapter, r1, zero_rest=False)
 
     # ------------------------------------------------------------------ distributed
     def _broadcast_from_main_process(self) -> None:
-        """Make process 0's factors, ranks and coefficient state authoritative (bit-identical on every process)."""
+        """Make process 0's factors, ranks and coefficient state authoritative (bit-identical on every process).
+
+        Process 0's ranks travel first, then only the active blocks ``U[:, :r]``, ``S[:r, :r]``, ``V[:, :r]``; a
+        process whose rank differed zeroes what lies beyond process 0's rank.
+        """
         if not is_distributed():
             return
         try:
-            tensors = [t for a in self.adapters for t in a.parameters()]
+            ranks = broadcast_ints([a.rank for a in self.adapters], self.adapters[0].U.device)
+            tensors = []
+            for a, r in zip(self.adapters, ranks):
+                if r != a.rank:
+                    a.U[:, r:] = 0
+                    a.V[:, r:] = 0
+                    a.S[r:, :] = 0
+                    a.S[:, r:] = 0
+                    a.layer.set_rank(a.adapter, r, zero_rest=False)
+                tensors += [a.U[:, :r], a.S[:r, :r], a.V[:, :r]]  # FSDP2: the gathered whole factors
             if self._coefficients is not None:
                 tensors += self._coefficients.tensors()
             broadcast_tensors(tensors)
-            ranks = broadcast_ints([a.rank for a in self.adapters], self.adapters[0].U.device)
         except RuntimeError as exc:  # a peer stopped responding or died: say so instead of a bare gloo/NCCL error
             raise RuntimeError(peer_failure_message(exc)) from exc
-        for a, r in zip(self.adapters, ranks):
-            if r != a.rank:
-                a.layer.set_rank(a.adapter, r)
 
     # ------------------------------------------------------------------ reporting and resume
     def ranks(self, kept: bool = False) -> dict[str, int]:

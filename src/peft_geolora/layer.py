@@ -127,10 +127,13 @@ class GeoLoraLayer(BaseTunerLayer):
             S[:r, :r] = torch.diag(torch.empty(r).uniform_(0.05, 0.2)).to(S)
 
     @torch.no_grad()
-    def set_rank(self, adapter_name: str, rank: int) -> None:
-        """Set the active rank (buffer and mirror) and zero everything beyond it."""
+    def set_rank(self, adapter_name: str, rank: int, zero_rest: bool = True) -> None:
+        """Set the active rank (buffer and mirror) and zero everything beyond it (``zero_rest=False``: the caller
+        has written the whole factors already)."""
         self.geolora_rank[adapter_name].fill_(rank)
         self.rank[adapter_name] = rank
+        if not zero_rest:
+            return
         self.geolora_U[adapter_name][:, rank:] = 0
         self.geolora_V[adapter_name][:, rank:] = 0
         self.geolora_S[adapter_name][rank:, :] = 0
