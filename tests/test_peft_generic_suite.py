@@ -1,7 +1,7 @@
 """PEFT 0.21's own generic test suite, run against ``GeoLoraConfig``.
 
 The test classes of PEFT's ``test_custom_models.py`` are re-parametrized with GeoLoRA rows that mirror LoRA's
-rows for every test model with ``nn.Linear`` or transformers ``Conv1D`` layers. Tests of other methods, and
+rows for every test model with ``nn.Linear``, ``nn.Conv2d`` (groups 1) or transformers ``Conv1D`` layers. Tests of other methods, and
 tests that download from the Hub, are not collected (see the README for the list of skips).
 """
 
@@ -62,6 +62,9 @@ GEO_CASES = [
         {"target_modules": ["conv1d", "lin0"], "modules_to_save": ["emb"]},
     ),
     ("Conv2d model, Linear GeoLoRA", "Conv2d", GeoLoraConfig, {"target_modules": ["lin0"]}),
+    ("Conv2d 1 GeoLoRA", "Conv2d", GeoLoraConfig, {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 GeoLoRA", "Conv2d", GeoLoraConfig, {"target_modules": ["conv2d", "lin0"]}),
+    ("Conv2d 1x1 GeoLoRA", "Conv2d1x1", GeoLoraConfig, {"target_modules": ["conv2d"]}),
     ("MHA model, Linear GeoLoRA", "MHA", GeoLoraConfig, {"target_modules": ["lin0"]}),
 ]
 

@@ -162,6 +162,13 @@ class GeoLoraConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "Written at save time: per layer, the [optimizer step, rank] pairs where its rank changed."},
     )
+    conv_kernels: dict[str, list[int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Written at save time: for each Conv2d layer, [in_channels, kh, kw, dilation_h, dilation_w]: "
+            "the patch its V spans (so the adapter converts to LoRA from the files alone)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

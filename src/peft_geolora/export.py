@@ -97,10 +97,20 @@ def _export(
     if not ranks:
         raise ValueError("Every GeoLoRA layer has rank 0: there is nothing to export.")
     state = dict(extra)
+    kernels = geo_config.conv_kernels or {}
+    dilated = [name for name in ranks if name in kernels and tuple(kernels[name][3:]) != (1, 1)]
+    if dilated:
+        raise ValueError(
+            f"Cannot export {dilated} to LoRA exactly: they are dilated convolutions, and PEFT's LoRA Conv2d builds "
+            "its first convolution without the base layer's dilation. Exclude them from the GeoLoRA targets if you "
+            "need a LoRA export, or keep the GeoLoRA adapter."
+        )
     for name in ranks:
         A, B = lora_factors(factors[name]["U"], factors[name]["S"], factors[name]["V"], scale)
-        state[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A
-        state[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B
+        if name in kernels:  # LoRA's Conv2d: A is a k×k convolution with r outputs, B a 1×1 one
+            A, B = A.reshape(A.shape[0], *kernels[name][:3]), B[:, :, None, None]
+        state[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        state[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
     patterns = {re.escape(name): rank for name, rank in ranks.items()}
     lora_config = LoraConfig(
         task_type=geo_config.task_type,
@@ -145,9 +155,8 @@ def export_to_lora(
         if isinstance(module, GeoLoraLayer) and adapter_name in module.geolora_U:
             U, S, V = (t.detach() for t in module.active_factors(adapter_name))
             factors[name.removeprefix(_PEFT_PREFIX)] = {"U": U, "S": S, "V": V}
-    extra = {
-        k: v for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items() if ".geolora_" not in k
-    }
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)  # also records conv_kernels in config
+    extra = {k: v for k, v in state.items() if ".geolora_" not in k}
     return _export(config, factors, extra, out_dir, source=f"{type(model).__name__}[{adapter_name}]")
 
 

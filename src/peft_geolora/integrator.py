@@ -46,7 +46,7 @@ inputs) whatever the model dtype. Every function is batched over leading ``...``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -448,3 +448,64 @@ class GeoLoraFunction(torch.autograd.Function):
                 grad_U = grad_U @ S.transpose(0, 1)  # (m, r) = G V Sᵀ
                 grad_V = grad_V @ S  # (n, r) = Gᵀ U S
         return grad_x, grad_U, grad_S, grad_V, None, None
+
+
+class GeoLoraConvFunction(torch.autograd.Function):
+    r"""The Conv2d form of :class:`GeoLoraFunction`: ``y = s · conv₁ₓ₁(conv(x, Vᵀ), U S)``.
+
+    Shapes: x (B, c, H, W); ``V`` (n × r) with n = c · kh · kw, the flattened patch of the base convolution;
+    ``U`` (m × r) over its m output channels; ``S`` (r × r). With ``z = conv(x, V̂)`` (B, r, H', W'), where ``V̂`` is
+    ``Vᵀ`` reshaped to (r, c, kh, kw) and the base convolution's stride, padding and dilation apply, the output is
+    ``y = s · (U S) z`` per position (B, m, H', W') - the adapter ``s · U S Vᵀ`` applied to every patch, computed as
+    a k×k convolution with r outputs followed by a 1×1 one.
+
+    Backward, with δ = ∂loss/∂y, ``G = s Σ δ patchᵀ`` (m × n, summed over batch and positions) and ``u = Uᵀ δ``:
+    grad of x through the two convolutions; grad of ``U`` = ``G V = s Σ δ zᵀ`` (the K-gradient); grad of ``V`` =
+    ``Gᵀ U = s Σ patch uᵀ`` (the L-gradient, by the convolution's weight gradient); grad of ``S`` =
+    ``Uᵀ G V = s Σ u zᵀ``; with ``integrated`` False, the Euclidean ``G V Sᵀ`` and ``Gᵀ U S`` instead.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        V: torch.Tensor,
+        scale: float,
+        integrated: bool,
+        kernel: tuple[int, int, int],
+        stride: tuple[int, int],
+        padding: Any,
+        dilation: tuple[int, int],
+    ):
+        r = V.shape[1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            V_hat = V.transpose(0, 1).reshape(r, *kernel)  # (r, c, kh, kw)
+            z = torch.nn.functional.conv2d(x, V_hat, stride=stride, padding=padding, dilation=dilation)
+            y = torch.einsum("mr,brhw->bmhw", U @ S, z)
+        ctx.save_for_backward(x, U, S, V, z)
+        ctx.scale, ctx.integrated, ctx.kernel = scale, integrated, kernel
+        ctx.conv = {"stride": stride, "padding": padding, "dilation": dilation}
+        return y * scale
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, U, S, V, z = ctx.saved_tensors
+        s, r = ctx.scale, V.shape[1]
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            dy = dy.to(U.dtype)
+            u = torch.einsum("bmhw,mr->brhw", dy, U)  # Uᵀ δ per position
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                V_hat = V.transpose(0, 1).reshape(r, *ctx.kernel)
+                dz = torch.einsum("brhw,rq->bqhw", u, S) * s  # ∂loss/∂z = s Sᵀ Uᵀ δ
+                grad_x = torch.nn.grad.conv2d_input(x.shape, V_hat, dz, **ctx.conv)
+            grad_U = torch.einsum("bmhw,brhw->mr", dy, z) * s  # G V
+            grad_S = torch.einsum("brhw,bqhw->rq", u, z) * s  # Uᵀ G V
+            weight_grad = torch.nn.grad.conv2d_weight(x, (r, *ctx.kernel), u, **ctx.conv)  # Σ u ⊗ patch
+            grad_V = weight_grad.reshape(r, -1).transpose(0, 1) * s  # Gᵀ U
+            if not ctx.integrated:
+                grad_U = grad_U @ S.transpose(0, 1)
+                grad_V = grad_V @ S
+        return grad_x, grad_U, grad_S, grad_V, None, None, None, None, None, None

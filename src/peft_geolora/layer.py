@@ -18,7 +18,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .integrator import GeoLoraFunction, sign_fixed_qr
+from .integrator import GeoLoraConvFunction, GeoLoraFunction, sign_fixed_qr
 
 
 try:  # transformers is optional for the layer itself
@@ -26,7 +26,7 @@ try:  # transformers is optional for the layer itself
 except ImportError:  # pragma: no cover - transformers is a dependency of peft
     Conv1D = None
 
-SUPPORTED_LAYER_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+SUPPORTED_LAYER_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d) + ((Conv1D,) if Conv1D is not None else ())
 
 # Optimizer steps that may move U without an allocator step before the missing-allocator warning.
 UNALLOCATED_STEPS_BEFORE_WARNING = 5
@@ -79,6 +79,12 @@ class GeoLoraLayer(BaseTunerLayer):
         elif Conv1D is not None and isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape  # Conv1D stores (in, out)
             self.fan_in_fan_out = True
+        elif isinstance(base, nn.Conv2d):
+            _check_conv(base)
+            # the adapter acts on the flattened patch: n = c · kh · kw inputs, m = output channels
+            self.in_features = base.in_channels * base.kernel_size[0] * base.kernel_size[1]
+            self.out_features = base.out_channels
+            self.fan_in_fan_out = False
         else:
             raise TypeError(unsupported_layer_message(base))
         self.register_load_state_dict_post_hook(_refresh_rank_mirror)
@@ -203,6 +209,22 @@ def _refresh_rank_mirror(module: GeoLoraLayer, incompatible_keys: Any) -> None:
                 module.mark_allocated(name)
 
 
+def _check_conv(conv: nn.Conv2d) -> None:
+    """GeoLoRA's Conv2d adapter covers ordinary convolutions: one group, numeric zero padding."""
+    problems = []
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups} (only 1 is supported)")
+    if isinstance(conv.padding, str):
+        problems.append(f"padding={conv.padding!r} (give the padding as numbers)")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode={conv.padding_mode!r} (only 'zeros')")
+    if problems:
+        raise TypeError(
+            f"GeoLoRA cannot adapt this Conv2d: {', '.join(problems)}. Remove it from `target_modules` (or add it to "
+            "`exclude_modules`)."
+        )
+
+
 def unsupported_layer_message(layer: nn.Module) -> str:
     names = ", ".join(f"`{t.__module__}.{t.__qualname__}`" for t in SUPPORTED_LAYER_TYPES)
     return (
@@ -285,10 +307,36 @@ class Linear(nn.Module, GeoLoraLayer):
                     self._check_allocator_runs(name)
                 U, S, V = self.active_factors(name)
             x_in = self.geolora_dropout[name](self._cast_input_dtype(x, U.dtype))
-            result = result + GeoLoraFunction.apply(
-                x_in, U, S, V, self.scaling[name], self.integrated.get(name, False)
-            ).to(result_dtype)
+            result = result + self._adapter_output(name, x_in, U, S, V).to(result_dtype)
         return result.to(result_dtype)
+
+    def _adapter_output(self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
+        """``s · U S Vᵀ x`` through the integrator's autograd function (the K-, L- and S-gradients)."""
+        return GeoLoraFunction.apply(x, U, S, V, self.scaling[name], self.integrated.get(name, False))
 
     def __repr__(self) -> str:
         return "geolora." + super().__repr__()
+
+
+class Conv2d(Linear):
+    """GeoLoRA on ``torch.nn.Conv2d`` (groups 1): ``y = conv(x) + s · (U S) conv(dropout(x), V̂)``.
+
+    ``V`` (n × R) spans the flattened input patch (n = c · kh · kw), ``U`` (m × R) the output channels; the update
+    of the convolution weight is ``s · U S Vᵀ`` reshaped to (m, c, kh, kw). Merging, saving and the allocator are
+    the Linear layer's; only the forward (:class:`~peft_geolora.integrator.GeoLoraConvFunction`) and the shape of the
+    weight update differ.
+    """
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s · U S Vᵀ`` reshaped to the convolution weight (m, c, kh, kw)."""
+        base = self.get_base_layer()
+        delta = super().get_delta_weight(adapter_name)  # (m, n)
+        return delta.reshape(base.weight.shape)
+
+    def _adapter_output(self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
+        base = self.get_base_layer()
+        kernel = (base.in_channels, *base.kernel_size)
+        return GeoLoraConvFunction.apply(
+            x, U, S, V, self.scaling[name], self.integrated.get(name, False), kernel, base.stride, base.padding,
+            base.dilation,
+        )  # fmt: skip

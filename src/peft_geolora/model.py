@@ -13,7 +13,7 @@ from torch import nn
 
 from . import bnb
 from .config import GeoLoraConfig
-from .layer import SUPPORTED_LAYER_TYPES, GeoLoraLayer, Linear, unsupported_layer_message
+from .layer import SUPPORTED_LAYER_TYPES, Conv2d, GeoLoraLayer, Linear, unsupported_layer_message
 from .registry import PREFIX
 
 
@@ -69,7 +69,8 @@ class GeoLoraModel(BaseTuner):
                 )
             if not isinstance(base, SUPPORTED_LAYER_TYPES):
                 raise TypeError(unsupported_layer_message(base) + f" (module `{current_key}`)")
-            new_module = Linear(target, adapter_name, **kwargs)
+            layer_class = Conv2d if isinstance(base, nn.Conv2d) else Linear
+            new_module = layer_class(target, adapter_name, **kwargs)
         new_module.expected_rank[adapter_name] = expected_rank
         new_module.rank_history[adapter_name] = history  # a saved adapter's history continues in a new run
         if adapter_name not in self.active_adapters:
@@ -136,6 +137,11 @@ class GeoLoraModel(BaseTuner):
             selected[key] = tensor[:rank, :rank] if match["factor"] == "S" else tensor[:, :rank]
             rank_pattern[match["module"].removeprefix(_PEFT_PREFIX)] = rank
         config.rank_pattern = dict(sorted(rank_pattern.items()))
+        config.conv_kernels = {
+            name.removeprefix(_PEFT_PREFIX): _conv_kernel(module.get_base_layer())
+            for name, module in model.named_modules()
+            if isinstance(module, Conv2d) and adapter_name in module.geolora_U
+        }
         config.rank_history = {
             name.removeprefix(_PEFT_PREFIX): [list(event) for event in module.rank_history.get(adapter_name, [])]
             for name, module in model.named_modules()
@@ -181,6 +187,11 @@ class GeoLoraModel(BaseTuner):
             if isinstance(module, GeoLoraLayer):
                 module.expected_rank.pop(adapter_name, None)
         return remapped
+
+
+def _conv_kernel(conv: nn.Conv2d) -> list[int]:
+    """[in_channels, kh, kw, dilation_h, dilation_w]: what a Conv2d adapter's V spans, and its dilation."""
+    return [conv.in_channels, *conv.kernel_size, *conv.dilation]
 
 
 def _warn_if_mid_cycle(model: nn.Module, adapter_name: str) -> None:
