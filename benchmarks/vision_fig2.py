@@ -4,7 +4,7 @@
     python benchmarks/vision_fig2.py --report                        # the tables, from the JSON files
 
 * ``initial_rank``: GeoLoRA from r0 = 1, 2, 4, 8, 16, 32 (max_rank 32) at lr 1e-3: final adapter size and accuracy.
-* ``lr``: GeoLoRA, LoRA r=8 and AdaLoRA (target 8) at lr 1e-4 … 1e-2: accuracy, and steps per second side by side.
+* ``lr``: GeoLoRA, LoRA r=8 and AdaLoRA (target 8) at lr 1e-4 … 1e-2: accuracy, and steps per CPU-second.
 
 The model is the digits proxy (a small ViT pre-trained on the digits 0-4, adapted to 5-9), not ViT-B/16 on CIFAR-10:
 the studies show the same effects the paper's Fig. 2 asks about, on a model that installs offline.
@@ -29,9 +29,11 @@ METHODS = ("geolora", "lora", "adalora")
 
 
 def runs(study: str):
-    if study == "initial_rank":
-        for r0 in INITIAL_RANKS:
-            yield f"initial_rank__r{r0}", ["--method", "geolora", "--r", str(r0), "--max_rank", "32", "--lr", "1e-3"]
+    if study == "initial_rank":  # at lr 1e-3 (the paper's ViT setting) and at GeoLoRA's better 5e-3 on this proxy
+        for lr, tag in ((1e-3, ""), (5e-3, "__lr5e-3")):
+            for r0 in INITIAL_RANKS:
+                options = ["--method", "geolora", "--r", str(r0), "--max_rank", "32", "--lr", f"{lr:g}"]
+                yield f"initial_rank__r{r0}{tag}", options
     else:
         for method in METHODS:
             for lr in LRS:
@@ -44,7 +46,9 @@ def run(name: str, options: list[str]) -> None:
         return
     out = ROOT / "outputs" / "vision_fig2" / name
     command = [sys.executable, str(SCRIPT), "--output_dir", str(out), "--no_save", *options]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     result = json.loads((out / "results.json").read_text())
     result["command"] = "python scripts/vision/run_image_classification.py --no_save " + " ".join(options)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -53,19 +57,28 @@ def run(name: str, options: list[str]) -> None:
 
 def report() -> str:
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    lines = ["| r0 | " + " | ".join(str(r) for r in INITIAL_RANKS) + " | spread vs mean |", "|" + "---|" * 8]
-    sizes = [rows[f"initial_rank__r{r}"]["adapter_params"] for r in INITIAL_RANKS if f"initial_rank__r{r}" in rows]
-    accs = [rows[f"initial_rank__r{r}"]["accuracy"] for r in INITIAL_RANKS if f"initial_rank__r{r}" in rows]
-    if len(sizes) == len(INITIAL_RANKS):
-        mean = statistics.mean(sizes)
-        spread = max(abs(s - mean) for s in sizes) / mean
-        lines.append("| final adapter params | " + " | ".join(f"{s:,}" for s in sizes) + f" | {spread:.1%} |")
-        lines.append("| accuracy | " + " | ".join(f"{a:.3f}" for a in accs) + " | |")
-    lines += ["", "| method | " + " | ".join(f"{lr:g}" for lr in LRS) + " | steps/s (median) |", "|" + "---|" * 8]
+    lines = [
+        "| GeoLoRA, r0 = | " + " | ".join(str(r) for r in INITIAL_RANKS) + " | spread vs mean |",
+        "|" + "---|" * 8,
+    ]
+    for lr, tag in (("1e-3", ""), ("5e-3", "__lr5e-3")):
+        got = [rows.get(f"initial_rank__r{r}{tag}") for r in INITIAL_RANKS]
+        if all(got):
+            sizes = [g["adapter_params"] for g in got]
+            mean = statistics.mean(sizes)
+            spread = max(abs(s - mean) for s in sizes) / mean
+            lines.append(
+                f"| lr {lr}: final adapter params | " + " | ".join(f"{s:,}" for s in sizes) + f" | {spread:.1%} |"
+            )
+            lines.append(f"| lr {lr}: accuracy | " + " | ".join(f"{g['accuracy']:.3f}" for g in got) + " | |")
+    # Steps per CPU-second: the machine was shared (CPU/wall 0.2-0.7 for these one-thread runs), which slows wall-clock
+    # steps per second by whatever else ran; per CPU-second the methods compare side by side.
+    lines += ["", "| method | " + " | ".join(f"{lr:g}" for lr in LRS) + " | steps per CPU-second (median) |"]
+    lines.append("|" + "---|" * 8)
     for method in METHODS:
         got = [rows.get(f"lr__{method}__lr{lr:g}") for lr in LRS]
         cells = [f"{g['accuracy']:.3f}" if g else "" for g in got]
-        speed = [g["steps_per_second"] for g in got if g]
+        speed = [g["steps_per_second"] / g["cpu_over_wall"] for g in got if g]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.median(speed):.1f} |" if speed else "")
     return "\n".join(lines)
 

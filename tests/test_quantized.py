@@ -145,8 +145,9 @@ def test_export_to_lora_loads_as_lora_on_the_same_quantized_base(llama_dir: Path
     assert (_logits(lora, ids) - _logits(model, ids)).abs().max().item() <= 1e-2
 
 
-def test_trainer_with_the_callback_on_a_4bit_sequence_classifier(tmp_path: Path) -> None:
-    base = load_base("bert", save_base("bert", tmp_path / "bert"), "nf4")
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_trainer_with_the_callback_on_a_quantized_sequence_classifier(tmp_path: Path, mode: str) -> None:
+    base = load_base("bert", save_base("bert", tmp_path / "bert"), mode)
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=BERT_TARGETS, r=4, max_rank=8, tau=0.3)
     model = get_peft_model(base, config)
