@@ -147,8 +147,8 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         missing = [m for m in METHODS if m not in lrs]
         if missing:
             print(f"test phase: no lr chosen yet for {missing} (run --phase lr first); skipping them", flush=True)
-        for method in (m for m in METHODS if m in lrs):
-            for seed in SEEDS if method != "full" else SEEDS[:1]:
+        for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
+            for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
                 for task in OFFLINE_TASKS:
                     yield Run("test", task, method, lrs[method], seed)
     elif phase == "init_rank":
