@@ -290,7 +290,7 @@ class RankAllocator:
             raise RuntimeError(
                 "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel) or DeepSpeed "
                 "ZeRO-3. Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`) and "
-                "`step_rule='coefficient'`, or train with DDP or DeepSpeed ZeRO-1/2."
+                "`step_rule='coefficient'`, or train with DDP or DeepSpeed ZeRO stage 0."
             )
         self._sharded = any(sharding.is_sharded(p) for p in params)
         if self._sharded and not self.uses_coefficient_step:
