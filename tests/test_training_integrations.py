@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from datasets import Dataset
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import Trainer, TrainingArguments
 
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 
 from .processes import launch_two_processes
-from .tiny_models import VOCAB, build, inputs
+from .tiny_models import build, classification_dataset, inputs
 
 
 STEP_RULES = ["optimizer", "coefficient"]
@@ -28,18 +27,6 @@ def _model(seed: int = 0, step_rule: str = "optimizer"):
         task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule
     )
     return get_peft_model(model, config)
-
-
-def _dataset(n: int = 64) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, VOCAB, (n, 10), generator=g)
-    return Dataset.from_dict(
-        {
-            "input_ids": ids.tolist(),
-            "attention_mask": [[1] * 10] * n,
-            "labels": (ids[:, 0] > VOCAB // 2).long().tolist(),
-        }
-    )
 
 
 def _trainer(output_dir: Path, max_steps: int, step_rule: str = "optimizer") -> Trainer:
@@ -60,7 +47,10 @@ def _trainer(output_dir: Path, max_steps: int, step_rule: str = "optimizer") -> 
         dataloader_num_workers=0,
     )
     return Trainer(
-        model=_model(step_rule=step_rule), args=args, train_dataset=_dataset(), callbacks=[GeoLoraCallback()]
+        model=_model(step_rule=step_rule),
+        args=args,
+        train_dataset=classification_dataset(),
+        callbacks=[GeoLoraCallback()],
     )
 
 

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_geolora
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, GeoLoraLayer, RankAllocator
 
-from .tiny_models import VOCAB, build, inputs
+from .tiny_models import build, classification_dataset, inputs
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -73,18 +72,6 @@ def test_parameter_counts_are_the_active_adapter_before_and_after_ranks_change(c
     assert trainable == allocator.num_adapter_parameters() + head
 
 
-def _trainer_dataset(n: int) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, VOCAB, (n, 10), generator=g)
-    return Dataset.from_dict(
-        {
-            "input_ids": ids.tolist(),
-            "attention_mask": [[1] * 10] * n,
-            "labels": (ids[:, 0] > VOCAB // 2).long().tolist(),
-        }
-    )
-
-
 def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -110,8 +97,8 @@ def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
     return Trainer(
         model=model,
         args=args,
-        train_dataset=_trainer_dataset(64),
-        eval_dataset=_trainer_dataset(24),
+        train_dataset=classification_dataset(64),
+        eval_dataset=classification_dataset(24),
         callbacks=[GeoLoraCallback()],
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from datasets import Dataset
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -65,3 +66,16 @@ def inputs(batch: int = 4, length: int = 10, seed: int = 1) -> dict[str, torch.T
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def classification_dataset(n: int = 64, length: int = 10) -> Dataset:
+    """``n`` seeded token sequences labelled by whether their first token is in the upper half of the vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": [[1] * length] * n,
+            "labels": (ids[:, 0] > VOCAB // 2).long().tolist(),
+        }
+    )

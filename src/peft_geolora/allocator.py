@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -331,9 +331,11 @@ class RankAllocator:
         for a in self.adapters:
             yield from a.parameters()
 
-    def _gradients_finite(self) -> bool:
-        grads = [p.grad for p in self._factor_params() if p.grad is not None]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    @staticmethod
+    def _all_finite(grads: Iterable[Optional[torch.Tensor]]) -> bool:
+        """Every given gradient (None: absent) is finite."""
+        checks = [torch.isfinite(g).all() for g in grads if g is not None]
+        return bool(torch.stack(checks).all()) if checks else True
 
     @torch.no_grad()
     def _take_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -348,7 +350,7 @@ class RankAllocator:
             [p.grad for a in self.adapters for p in a.parameters()], [a.rank for a in self.adapters for _ in "USV"]
         )
         grads = [tuple(flat[3 * i : 3 * i + 3]) for i in range(len(self.adapters))]
-        finite = all(bool(torch.isfinite(g).all()) for per_adapter in grads for g in per_adapter if g is not None)
+        finite = self._all_finite(g for per_adapter in grads for g in per_adapter)
         self._grads = grads if finite else None
         for p in self._factor_params():
             p.grad = None
@@ -358,7 +360,7 @@ class RankAllocator:
     @torch.no_grad()
     def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer rule: snapshot the factors; if an adapter gradient is not finite, the optimizer state too."""
-        finite = self._gradients_finite()
+        finite = self._all_finite(p.grad for p in self._factor_params())
         # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
         # when the step is undone.
         self._snapshot = [
