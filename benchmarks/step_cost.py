@@ -61,6 +61,10 @@ def build(name: str, path: str, total_steps: int):
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="coefficient", **common)
     elif name == "geolora_coefficient_adaptive":
         config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="coefficient", **common)
+    elif name == "geolora_split_pinned_r8_cycle":
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="split", moment_init="mean", **common)
+    elif name == "geolora_split_adaptive":
+        config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="split", moment_init="mean", **common)
     else:  # geolora_adaptive: the default rule and settings
         config = GeoLoraConfig(r=8, max_rank=16, **common)
     model = get_peft_model(base, config)
@@ -86,6 +90,7 @@ def training_memory(model, optimizer, allocator) -> dict[str, int]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = [v for s in optimizer.state.values() for v in s.values()]
     extra = allocator._coefficients.tensors() if getattr(allocator, "_coefficients", None) is not None else []
+    extra += getattr(allocator, "_cycle_start", None) or []
     memory = {
         "weights": tensor_bytes(trainable),
         "grads": tensor_bytes(p.grad for p in trainable if p.grad is not None),
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "geolora_adaptive",
         "geolora_coefficient_pinned_r8_cycle",
         "geolora_coefficient_adaptive",
+        "geolora_split_pinned_r8_cycle",
+        "geolora_split_adaptive",
         "adalora",
     ]
     setups = {name: build(name, path, steps + warmup) for name in names}
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             "geolora_coefficient_pinned_r8_cycle / lora_r8": median["geolora_coefficient_pinned_r8_cycle"]
             / median["lora_r8"],
             "geolora_coefficient_adaptive / adalora": median["geolora_coefficient_adaptive"] / median["adalora"],
+            "geolora_split_pinned_r8_cycle / lora_r8": median["geolora_split_pinned_r8_cycle"] / median["lora_r8"],
+            "geolora_split_adaptive / adalora": median["geolora_split_adaptive"] / median["adalora"],
         },
     }
     print(json.dumps(result, indent=2))

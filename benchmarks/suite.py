@@ -60,20 +60,69 @@ LR_GRID = {
 SEEDS = (0, 1, 2)
 INIT_RANKS = (1, 2, 4, 8, 16, 32)
 INIT_RANK_TASKS = ("rt_polarity", "trec6")
-# GeoLoRA's step rules, each with its own settings spelled out (so a run's JSON says what ran whatever the package
-# defaults are): the user's AdamW steps U, S, V (0.1.0's rule and settings: scale 1, tau 0.3), or the allocator steps
-# the augmented coefficients (scale 1, tau 0.15, growth_tol 0.2). GeoLoRA's learning-rate runs are those of the
-# package's default rule, DEFAULT_RULE.
-DEFAULT_RULE = GeoLoraConfig().step_rule
+# GeoLoRA's step-rule variants, each with its settings spelled out (so a run's JSON says what ran whatever the package
+# defaults are): the user's AdamW steps U, S, V (0.1.0's rule: scale 1, tau 0.3), with the new directions' second
+# moments starting at zero (0.1.0) or at the established ones' mean; the allocator steps the augmented coefficients
+# (scale 1, tau 0.15, growth_tol 0.2); or the authors' split (AdamW steps S, the new directions a gradient step).
+# GeoLoRA's learning-rate, test and initial-rank runs are those of the variant that equals the package defaults,
+# DEFAULT_VARIANT.
 ABLATION = {
-    "optimizer": ["geolora.step_rule=optimizer", "geolora.lora_alpha=1", "geolora.tau=0.3", "geolora.growth_tol=null"],
+    "optimizer": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=null",
+        "geolora.moment_init=zero",
+    ],
     "coefficient": [
         "geolora.step_rule=coefficient",
         "geolora.lora_alpha=1",
         "geolora.tau=0.15",
         "geolora.growth_tol=0.2",
     ],
+    "split": [
+        "geolora.step_rule=split",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.15",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+    ],
+    "optimizer_mean": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=null",
+        "geolora.moment_init=mean",
+    ],
 }
+
+
+def _settings(overrides: list[str]) -> dict[str, Any]:
+    """``["geolora.tau=0.3", "geolora.growth_tol=null", ...]`` → ``{"tau": 0.3, "growth_tol": None, ...}``."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, value = item.removeprefix("geolora.").split("=", 1)
+        try:
+            out[key] = None if value == "null" else float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def default_variant() -> str:
+    """The ablation variant whose settings are the package's defaults (GeoLoRA's runs outside the ablation)."""
+    config = GeoLoraConfig()
+    for name, overrides in ABLATION.items():
+        settings = _settings(overrides)
+        if settings["step_rule"] == "optimizer":
+            settings.pop("growth_tol")  # the optimizer rule has no growth test
+        if all(getattr(config, key) == value for key, value in settings.items()):
+            return name
+    raise RuntimeError("No ablation variant equals GeoLoraConfig's defaults: add one to ABLATION.")
+
+
+DEFAULT_VARIANT = default_variant()
+GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -114,7 +163,7 @@ def primary_score(task: str, metrics: dict[str, float]) -> float:
 def lr_run(task: str, method: str, lr: float) -> Run:
     """The learning-rate run of a method: GeoLoRA's are the step-rule runs of the package's default rule."""
     if method == "geolora":
-        return Run("ablation", task, "geolora", lr, 0, DEFAULT_RULE, tuple(ABLATION[DEFAULT_RULE]))
+        return Run("ablation", task, "geolora", lr, 0, DEFAULT_VARIANT, tuple(ABLATION[DEFAULT_VARIANT]))
     return Run("lr", task, method, lr)
 
 
@@ -150,7 +199,10 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
             for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
                 for task in OFFLINE_TASKS:
-                    yield Run("test", task, method, lrs[method], seed)
+                    if method == "geolora":
+                        yield Run("test", task, method, lrs[method], seed, DEFAULT_VARIANT, GEOLORA_DEFAULTS)
+                    else:
+                        yield Run("test", task, method, lrs[method], seed)
     elif phase == "init_rank":
         lr = chosen_lrs(results).get("geolora")
         if lr is None:
@@ -158,8 +210,8 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
             return
         for task in INIT_RANK_TASKS:
             for r0 in INIT_RANKS:
-                overrides = (f"geolora.r={r0}", "geolora.max_rank=32")
-                yield Run("init_rank", task, "geolora", lr, 0, f"r{r0}", overrides)
+                overrides = (*GEOLORA_DEFAULTS, f"geolora.r={r0}", "geolora.max_rank=32")
+                yield Run("init_rank", task, "geolora", lr, 0, f"{DEFAULT_VARIANT}_r{r0}", overrides)
     elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
         for method in METHODS:
             for task in OFFLINE_TASKS:
@@ -295,13 +347,22 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def label(record: dict[str, Any]) -> str:
+    """A record's row in the test table: its method; GeoLoRA runs of a non-default variant as ``geolora [variant]``."""
+    variant = record.get("variant", "")
+    if record["method"] == "geolora" and variant not in ("", DEFAULT_VARIANT):
+        return f"geolora [{variant}]"
+    return record["method"]
+
+
 def test_table(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method and task: test score mean ± sd over seeds, adapter parameters; the average over tasks."""
+    """Per method (row label) and task: test score mean ± sd over seeds, adapter parameters; the average over tasks."""
     table: dict[str, Any] = {}
-    for method in METHODS:
+    labels = sorted({label(r) for r in records}, key=lambda x: (METHODS.index(x.split(" ")[0]), x))
+    for method in labels:
         rows = {}
         for task in OFFLINE_TASKS:
-            mine = [r for r in records if r["method"] == method and r["task"] == task]
+            mine = [r for r in records if label(r) == method and r["task"] == task]
             if mine:
                 mean, sd = _mean_sd([r["primary"]["test"] for r in mine])
                 params = statistics.mean(r["adapter_params_end"] for r in mine)
@@ -334,7 +395,7 @@ def verdicts(table: dict[str, Any], reference: str = "geolora") -> dict[str, dic
 def markdown(results: Path) -> str:
     lines = []
     ablation = load(results, "ablation")
-    lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == DEFAULT_RULE]
+    lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == DEFAULT_VARIANT]
     if lr_records:
         lines += ["**Learning-rate selection** (validation, seed 0; primary score per task):", ""]
         header = "| method | lr | " + " | ".join(LR_TASKS) + " | mean | adapter params |"
@@ -370,22 +431,27 @@ def markdown(results: Path) -> str:
         lines += [""]
     init = load(results, "init_rank")
     if init:
-        lines += ["**GeoLoRA's final size over initial ranks** (tau rule, default settings):", ""]
-        lines += ["| task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean |", "|" + "---|" * 8]
-        for task in INIT_RANK_TASKS:
-            sizes = {r["variant"]: r["adapter_params_end"] for r in init if r["task"] == task}
-            cells = [f"{sizes[f'r{r}']:,}" if f"r{r}" in sizes else "" for r in INIT_RANKS]
-            spread = ""
-            if len(sizes) == len(INIT_RANKS):
-                mean = statistics.mean(sizes.values())
-                spread = f"{max(abs(v - mean) for v in sizes.values()) / mean:.1%}"
-            lines.append(f"| {task} | " + " | ".join(cells) + f" | {spread} |")
+        lines += ["**GeoLoRA's final size over initial ranks** (tau rule, `max_rank` 32):", ""]
+        header = "| variant | task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean |"
+        lines += [header, "|" + "---|" * (header.count("|") - 1)]
+        variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: v != DEFAULT_VARIANT)
+        for variant in variants:
+            for task in INIT_RANK_TASKS:
+                sizes = {r["variant"]: r["adapter_params_end"] for r in init if r["task"] == task}
+                cells = [f"{sizes[f'{variant}_r{r}']:,}" if f"{variant}_r{r}" in sizes else "" for r in INIT_RANKS]
+                mine = [sizes[f"{variant}_r{r}"] for r in INIT_RANKS if f"{variant}_r{r}" in sizes]
+                spread = ""
+                if len(mine) == len(INIT_RANKS):
+                    mean = statistics.mean(mine)
+                    spread = f"{max(abs(v - mean) for v in mine) / mean:.1%}"
+                name = f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}"
+                lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} |")
         lines += [""]
     if ablation:
         lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
         lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
         rows = {
-            f"{variant}{' (default)' if variant == DEFAULT_RULE else ''}": [
+            f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}": [
                 r for r in ablation if r["variant"] == variant
             ]
             for variant in ABLATION
@@ -415,8 +481,8 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, task in zip(axes.flat, OFFLINE_TASKS):
-        for method in METHODS:
-            mine = [r for r in records if r["task"] == task and r["method"] == method]
+        for method in sorted({label(r) for r in records}, key=lambda x: (METHODS.index(x.split(" ")[0]), x)):
+            mine = [r for r in records if r["task"] == task and label(r) == method]
             if mine:
                 ax.scatter([r["adapter_params_end"] for r in mine], [r["primary"]["test"] for r in mine], label=method)
         ax.set_xscale("log")
@@ -437,7 +503,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--results_dir", default=str(RESULTS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
     parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS, default=list(OFFLINE_TASKS), help="only these")
-    parser.add_argument("--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: rN)")
+    parser.add_argument(
+        "--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: <default variant>_rN)"
+    )
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     if args.smoke and results.resolve() == RESULTS.resolve():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -106,7 +107,7 @@ def test_warmup_and_freeze_fix_the_ranks() -> None:
     assert all(step > 5 and step <= 12 for events in history.values() for step, _ in events)
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
 def test_non_finite_step_is_undone_bit_for_bit(step_rule: str) -> None:
     model = _two_layer_model(schedule="step", step_rule=step_rule)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
@@ -176,7 +177,7 @@ def test_missing_allocator_warns_once_with_the_fix() -> None:
     assert "RankAllocator(model, optimizer)" in messages[0] and "allocator.step()" in messages[0]
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
 def test_weight_decay_on_the_bases_keeps_them_orthonormal(step_rule: str) -> None:
     """The Trainer's AdamW decays U and V too: only the part of the move orthogonal to the bases counts."""
     model = _two_layer_model(schedule="step", step_rule=step_rule)
@@ -298,3 +299,81 @@ def test_finish_closes_an_open_cycle_and_history_keeps_only_kept_ranks() -> None
         if hasattr(module, "geolora_S"):
             S = module.active_factors("default")[1].detach()
             assert torch.equal(S, torch.diag(torch.diagonal(S)))  # truncated: diagonal again
+
+
+def test_split_rule_leaves_the_bases_out_of_the_optimizer_and_steps_s_with_it() -> None:
+    """Split rule: U and V get no optimizer state and no weight decay; S is stepped (and decayed) by the optimizer;
+    with ``moment_init="mean"`` the new coefficients' second moments start at the layer's mean, not at zero."""
+    model = _two_layer_model(schedule="cycle", cycle_length=2, step_rule="split", moment_init="mean")
+    factors = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(factors, lr=1e-2, weight_decay=0.1)
+    allocator = RankAllocator(model, optimizer)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    _fit(model, targets, allocator, optimizer, steps=4)  # the first step of the second cycle: just augmented
+    assert allocator.is_augmented()
+    layer = model.base_model.model.a
+    for U, S, V in [(layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"])]:
+        assert U not in optimizer.state and V not in optimizer.state
+        square = optimizer.state[S]["exp_avg_sq"]
+        kept = next(k for name, k in allocator.ranks(kept=True).items() if name.endswith(".a"))
+        r = layer.rank["default"]
+        assert r > kept
+        # the new rows and columns started at the kept block's mean and have taken no step yet
+        mean = square[:kept, :kept].mean()
+        torch.testing.assert_close(square[kept:r, :r], mean.expand(r - kept, r))
+        assert orthonormality_error(layer.active_factors("default")[0].detach()) < 1e-6
+
+
+def test_split_rule_resumes_mid_cycle_exactly() -> None:
+    """Model, optimizer and allocator state taken in the middle of a cycle continue exactly (cycle start included)."""
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+
+    def build():
+        model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, step_rule="split", moment_init="mean")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        return model, optimizer, RankAllocator(model, optimizer)
+
+    model, optimizer, allocator = build()
+    _fit(model, targets, allocator, optimizer, steps=10)
+    assert allocator.is_augmented()
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), allocator.state_dict()))
+    _fit(model, targets, allocator, optimizer, steps=10)
+    model2, optimizer2, allocator2 = build()
+    model2.load_state_dict(saved[0])  # the rank buffers come with it
+    optimizer2.load_state_dict(saved[1])
+    allocator2.load_state_dict(saved[2])
+    restored = allocator2.state_dict()["coefficient"]["tensors"]
+    assert all(torch.equal(v, restored[k]) for k, v in saved[2]["coefficient"]["tensors"].items())
+    _fit(model2, targets, allocator2, optimizer2, steps=10)
+    assert allocator2.ranks() == allocator.ranks() and allocator2.rank_history() == allocator.rank_history()
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("seed", [False, True])
+def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
+    """Augmentation from rank r: first moments of the new entries start at zero; second moments at zero, or (seeded)
+    at the mean of the established ones: per row of U and V, over S's active block."""
+    from peft_geolora import optimizer_state
+
+    torch.manual_seed(0)
+    U, S, V = (nn.Parameter(torch.zeros(shape)) for shape in ((6, 4), (4, 4), (5, 4)))
+    optimizer = torch.optim.Adam([U, S, V])
+    for p in (U, S, V):
+        optimizer.state[p] = {
+            "step": torch.tensor(3.0),
+            "exp_avg": torch.randn(p.shape),
+            "exp_avg_sq": torch.rand(p.shape),
+        }
+    before = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in (U, S, V)}
+    optimizer_state.pad_state(optimizer, U, S, V, 2, seed_second_moments=seed)
+    for p in (U, V):
+        old, new = before[id(p)], optimizer.state[p]
+        assert torch.equal(new["exp_avg"][:, :2], old["exp_avg"][:, :2]) and new["exp_avg"][:, 2:].abs().max() == 0
+        expected = old["exp_avg_sq"][:, :2].mean(1, keepdim=True).expand(-1, 2) if seed else torch.zeros(p.shape[0], 2)
+        torch.testing.assert_close(new["exp_avg_sq"][:, 2:], expected)
+    old, new = before[id(S)], optimizer.state[S]
+    assert torch.equal(new["exp_avg_sq"][:2, :2], old["exp_avg_sq"][:2, :2])
+    fill = old["exp_avg_sq"][:2, :2].mean() if seed else 0.0
+    assert torch.all(new["exp_avg_sq"][2:, :] == fill) and torch.all(new["exp_avg_sq"][:, 2:] == fill)
+    assert new["exp_avg"][2:, :].abs().max() == 0 and new["exp_avg"][:, 2:].abs().max() == 0

@@ -18,7 +18,7 @@ from .processes import launch_two_processes
 from .tiny_models import build, classification_dataset, inputs
 
 
-STEP_RULES = ["optimizer", "coefficient"]
+STEP_RULES = ["optimizer", "coefficient", "split"]
 
 
 def _model(seed: int = 0, step_rule: str = "optimizer"):

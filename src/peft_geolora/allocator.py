@@ -11,6 +11,9 @@ Step rules (``step_rule``):
   coefficient matrix with the optimizer's current hyperparameters (:mod:`peft_geolora.coefficient_optimizer`).
 * ``"optimizer"`` (the default, and 0.1.0's rule): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
   and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`).
+* ``"split"`` (the authors' experiments): the pre-step hook takes the gradients of ``U`` and ``V`` only, the user's
+  optimizer steps ``S``, and the new directions come from a plain gradient step ``−λ G V``, ``−λ Gᵀ U`` with the
+  learning rate of ``S``'s parameter group; ``S``'s optimizer state is carried like the optimizer rule's.
 
 Schedules (``schedule``, ``cycle_length`` = c): the optimizer steps are grouped in cycles of c + 1. At the first
 step of a cycle the bases are augmented with the new directions of the gradient; at the other steps only the
@@ -62,6 +65,7 @@ ALLOCATOR_OPTIONS = (
     "freeze_step",
     "step_rule",
     "growth_tol",
+    "moment_init",
 )
 
 
@@ -256,6 +260,8 @@ class RankAllocator:
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
         self._hyper: dict[int, StepHyperparameters] = {}
         self._coefficients: Optional[CoefficientState] = None
+        # step_rule="split": the learning rate of each adapter's step, and Ŝ at the start of the open cycle
+        self._cycle_start: Optional[list[torch.Tensor]] = None
         if self.uses_coefficient_step:
             self._kind = optimizer_kind(self.optimizer)
             self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
@@ -265,6 +271,14 @@ class RankAllocator:
                 [a.S.device for a in self.adapters],
             )
             hook = self._take_gradients
+        elif self.config.step_rule == "split":
+            self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
+            self._lrs: list[float] = []
+            self._cycle_start = [
+                torch.zeros(a.capacity, a.capacity, dtype=integrator.compute_dtype(a.S.dtype), device=a.S.device)
+                for a in self.adapters
+            ]
+            hook = self._take_basis_gradients
         else:
             hook = self._snapshot_before_step
         self._hook = self.optimizer.register_step_pre_hook(hook)
@@ -358,6 +372,33 @@ class RankAllocator:
         self._pending = True
 
     @torch.no_grad()
+    def _take_basis_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Split rule: take the K- and L-gradients (those of U and V) away, leave S's to the optimizer.
+
+        A step with a non-finite adapter gradient takes S's gradient too, so the optimizer leaves S and its state
+        as they were.
+        """
+        if self._pending:
+            self._warn_once(
+                "missing-step",
+                "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
+                "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
+            )
+        finite = self._all_finite(p.grad for p in self._factor_params())
+        self._grads = (
+            [(a.layer.geolora_U[a.adapter].grad, None, a.layer.geolora_V[a.adapter].grad) for a in self.adapters]
+            if finite
+            else None
+        )
+        for a in self.adapters:
+            U, S, V = a.parameters()
+            U.grad = V.grad = None
+            if not finite:
+                S.grad = None
+        self._lrs = [float(self.optimizer.param_groups[g]["lr"]) for g in self._group_of]
+        self._pending = True
+
+    @torch.no_grad()
     def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer rule: snapshot the factors; if an adapter gradient is not finite, the optimizer state too."""
         finite = self._all_finite(p.grad for p in self._factor_params())
@@ -405,6 +446,15 @@ class RankAllocator:
                 return
             self._gather()
             self._coefficient_step(augment, truncate)
+            self._grads = None
+        elif self.config.step_rule == "split":
+            if self._grads is None:
+                self._warn_nonfinite()
+                return
+            if augment:
+                self._augment_from_gradients(truncate=truncate)
+            elif truncate:
+                self._truncate_in_place()
             self._grads = None
         else:
             if self._state_snapshot is not None:
@@ -469,7 +519,7 @@ class RankAllocator:
         """Adapters that can be batched together: equal shapes, rank, capacity, dtype, device and param group."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, a in enumerate(self.adapters):
-            group = self._group_of[i] if self.uses_coefficient_step else 0
+            group = self._group_of[i] if self.config.step_rule != "optimizer" else 0
             groups[(a.U.shape[0], a.V.shape[0], a.rank, a.capacity, a.U.dtype, a.U.device, group)].append(i)
         return groups
 
@@ -577,8 +627,37 @@ class RankAllocator:
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
             for i in members:
                 a = self.adapters[i]
-                optimizer_state.pad_state(self.optimizer, a.U, a.S, a.V, r)
+                optimizer_state.pad_state(
+                    self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
+                )
             pending.append(_Pending(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
+        self._finish_step(pending, truncate)
+
+    def _augment_from_gradients(self, truncate: bool) -> None:
+        """Split rule: augment every adapter with the new directions of a plain gradient step of K and L.
+
+        ``ΔU = −λ G V`` and ``ΔV = −λ Gᵀ U`` with λ the current learning rate of S's parameter group; the optimizer
+        has already stepped S, so Ŝ = [[S⁺, ΔVᵀ Ṽ], [Ũᵀ ΔU, 0]] (the authors' experiments).
+        """
+        pending: list[_Pending] = []
+        self._base_ranks = {i: a.rank for i, a in enumerate(self.adapters)}
+        for (m, n, r, capacity, dtype, _, _), members in self._groups().items():
+            cd = integrator.compute_dtype(dtype)
+            U, S, V = self._stack(members, r, cd)
+            GU, _, GV = self._stack_gradients(members, r, cd)
+            lr = torch.tensor([self._lrs[i] for i in members], dtype=cd, device=U.device)[:, None, None]
+            dU, dV = -lr * GU, -lr * GV
+            U_tilde, V_tilde = _new_directions(U, dU, V, dV, capacity - r)
+            S_hat = integrator.assemble_coefficients(S, U_tilde, dU, V_tilde, dV)
+            for b, i in enumerate(members):
+                a = self.adapters[i]
+                optimizer_state.pad_state(
+                    self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
+                )
+                start = self._cycle_start[i]
+                start.zero_()
+                start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+            pending.append(_Pending(members, torch.cat([U, U_tilde], -1), S_hat, torch.cat([V, V_tilde], -1)))
         self._finish_step(pending, truncate)
 
     def _finish_step(self, pending: list[_Pending], truncate: bool) -> None:
@@ -601,6 +680,8 @@ class RankAllocator:
         for (m, n, r, capacity, dtype, _, _), members in self._groups().items():
             cd = integrator.compute_dtype(dtype)
             item = _Pending(members, *self._stack(members, r, cd))
+            if self._cycle_start is not None:
+                item.S0 = torch.stack([self._cycle_start[i][:r, :r] for i in members]).to(cd)
             if state is not None:
                 item.M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
                 item.v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
@@ -615,8 +696,10 @@ class RankAllocator:
             for item in pending:
                 U, S, V = item.U, item.S, item.V
                 item.U, item.S, item.V = integrator.reorthonormalize(U, S, V)
-                if item.M is not None:  # the moments and the cycle's start in the same coordinates as S
+                # the moment and the cycle's start in the same coordinates as S
+                if item.M is not None:
                     _, item.M, _ = integrator.reorthonormalize(U, item.M, V)
+                if item.S0 is not None:
                     _, item.S0, _ = integrator.reorthonormalize(U, item.S0, V)
         spectra = [integrator.small_svd(item.S) for item in pending]  # (P, sigma, Q) per group
         ranks = self._decide_ranks(pending, spectra)
@@ -716,6 +799,8 @@ class RankAllocator:
                 tensors += [a.U[:, :r], a.S[:r, :r], a.V[:, :r]]  # FSDP2: the gathered whole factors
             if self._coefficients is not None:
                 tensors += self._coefficients.tensors()
+            if self._cycle_start is not None:
+                tensors += self._cycle_start
             broadcast_tensors(tensors)
         except RuntimeError as exc:  # a peer stopped responding or died: say so instead of a bare gloo/NCCL error
             raise RuntimeError(peer_failure_message(exc)) from exc
@@ -762,6 +847,11 @@ class RankAllocator:
         }
         if self._coefficients is not None:
             state["coefficient"] = self._coefficients.state_dict([a.name for a in self.adapters])
+        if self._cycle_start is not None:  # saved beside the coefficient rule's tensors, in the same file
+            tensors = {
+                f"{a.name}.cycle_start": S0.detach().cpu().clone() for a, S0 in zip(self.adapters, self._cycle_start)
+            }
+            state["coefficient"] = {"num_steps": 0, "tensors": tensors}
         return state
 
     def resume_at_step(self, step: int) -> None:
@@ -793,6 +883,10 @@ class RankAllocator:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]
         if self._coefficients is not None:
             self._coefficients.load_state_dict(state["coefficient"], [a.name for a in self.adapters])
+        if self._cycle_start is not None:
+            tensors = state["coefficient"]["tensors"]
+            for a, S0 in zip(self.adapters, self._cycle_start):
+                S0.copy_(tensors[f"{a.name}.cycle_start"])
 
     def remove(self) -> None:
         """Detach from the optimizer and the layers (they go back to plain gradients)."""

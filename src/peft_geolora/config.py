@@ -127,7 +127,7 @@ class GeoLoraConfig(PeftConfig):
     cycle_length: int = field(default=3, metadata={"help": "S-only steps between augmentations for 'cycle'."})
     # "optimizer" by measurement: on the suite's learning-rate tasks it is 4-13 points more accurate than
     # "coefficient", which wins on exact low-rank fitting under Adam and keeps ranks moving (README).
-    step_rule: Literal["optimizer", "coefficient"] = field(
+    step_rule: Literal["optimizer", "coefficient", "split"] = field(
         default="optimizer",
         metadata={
             "help": "Who steps the factors. 'optimizer' (default): the user's optimizer steps U, S, V and the "
@@ -135,17 +135,28 @@ class GeoLoraConfig(PeftConfig):
             "allocator takes the adapter gradients before optimizer.step() and steps the augmented coefficient "
             "matrix itself, with the hyperparameters of the user's optimizer (Adam-family: one second moment per "
             "adapter; SGD: momentum), so new directions and S move at one balanced rate and U, V hold no optimizer "
-            "state."
+            "state. 'split' (the authors' experiments): the user's optimizer steps S only; the new directions come "
+            "from a plain gradient step of K and L with the optimizer's current learning rate, and U, V hold no "
+            "optimizer state."
         },
     )
     growth_tol: Optional[float] = field(
         default=0.2,
         metadata={
-            "help": "step_rule='coefficient' only. At a truncation, a direction whose singular value grew during the "
+            "help": "step_rule='coefficient' or 'split'. At a truncation, a direction whose singular value grew during the "
             "cycle by at least "
             "growth_tol * ||cycle step of S||_F is kept even if the tau rule would cut it: a direction the "
             "gradient keeps pointing to can enter however large the established ones are. None: the tau rule "
             "alone. Applies to the tau rule, not to a global budget."
+        },
+    )
+    moment_init: Literal["zero", "mean"] = field(
+        default="zero",
+        metadata={
+            "help": "step_rule='optimizer' or 'split': how the optimizer's second moments of the new directions start "
+            "at an augmentation. 'zero' (0.1.0): Adam's first steps of a new entry are then +-lr whatever its "
+            "gradient. 'mean': the mean second moment of the established entries (per row of U and V, over S's "
+            "active block), so new entries move in proportion to their gradient."
         },
     )
     warmup_steps: int = field(
@@ -229,9 +240,10 @@ class GeoLoraConfig(PeftConfig):
         _check_range(
             "step_rule",
             self.step_rule,
-            "one of 'coefficient', 'optimizer'",
-            self.step_rule in ("coefficient", "optimizer"),
+            "one of 'optimizer', 'coefficient', 'split'",
+            self.step_rule in ("coefficient", "optimizer", "split"),
         )
+        _check_range("moment_init", self.moment_init, "'zero' or 'mean'", self.moment_init in ("zero", "mean"))
         if self.growth_tol is not None:
             _check_range(
                 "growth_tol",

@@ -29,15 +29,17 @@ One GeoLoRA step (Schotthöfer et al., arXiv 2410.18720, Algorithm 1) with learn
 Who moves U, S and V
 --------------------
 The layer exposes, through :class:`GeoLoraFunction`, the K-gradient ``G V`` as the gradient of ``U``, the
-L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. By default
-(``step_rule="coefficient"``) the allocator takes these three gradients before ``optimizer.step()``, augments the
+L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. With
+``step_rule="coefficient"`` the allocator takes these three gradients before ``optimizer.step()``, augments the
 bases with :func:`augment_basis`, assembles the gradient of the augmented coefficients with
 :func:`assemble_coefficients` (``Ĝ = [[Uᵀ G V, (Gᵀ U)ᵀ Ṽ], [Ũᵀ G V, 0]]``, the tangent gradient in the augmented
 basis) and steps ``Ŝ`` itself: :func:`sgd_coefficient_step` with plain SGD is exactly Algorithm 1;
 :func:`adaptive_coefficient_step` is its Adam counterpart with one second moment per adapter, so the coefficients
 and the new directions move at one balanced rate and the step commutes with the truncation's rotation. With
-``step_rule="optimizer"`` (0.1.0) the user's optimizer steps ``U``, ``S``, ``V`` and the allocator reads the
-proposed changes ``ΔU``, ``ΔV`` in their place (``Ũᵀ ΔU = −λ Ũᵀ G V`` for SGD).
+``step_rule="optimizer"`` (the default, 0.1.0's rule) the user's optimizer steps ``U``, ``S``, ``V`` and the
+allocator reads the proposed changes ``ΔU``, ``ΔV`` in their place (``Ũᵀ ΔU = −λ Ũᵀ G V`` for SGD). With
+``step_rule="split"`` (the authors' experiments) the optimizer steps ``S`` only and ``ΔU = −λ G V``,
+``ΔV = −λ Gᵀ U`` are a plain gradient step with the optimizer's current learning rate.
 
 All factorizations (QR, SVD) and every rank decision run in :func:`compute_dtype` (fp32, or fp64 for fp64
 inputs) whatever the model dtype. Every function is batched over leading ``...`` dimensions.
