@@ -94,6 +94,13 @@ ABLATION = {
         "geolora.growth_tol=null",
         "geolora.moment_init=mean",
     ],
+    "optimizer_mean_growth": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+    ],
 }
 
 
@@ -113,10 +120,7 @@ def default_variant() -> str:
     """The ablation variant whose settings are the package's defaults (GeoLoRA's runs outside the ablation)."""
     config = GeoLoraConfig()
     for name, overrides in ABLATION.items():
-        settings = _settings(overrides)
-        if settings["step_rule"] == "optimizer":
-            settings.pop("growth_tol")  # the optimizer rule has no growth test
-        if all(getattr(config, key) == value for key, value in settings.items()):
+        if all(getattr(config, key) == value for key, value in _settings(overrides).items()):
             return name
     raise RuntimeError("No ablation variant equals GeoLoraConfig's defaults: add one to ABLATION.")
 

@@ -377,3 +377,30 @@ def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
     fill = old["exp_avg_sq"][:2, :2].mean() if seed else 0.0
     assert torch.all(new["exp_avg_sq"][2:, :] == fill) and torch.all(new["exp_avg_sq"][:, 2:] == fill)
     assert new["exp_avg"][2:, :].abs().max() == 0 and new["exp_avg"][:, 2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
+def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: str) -> None:
+    """With SGD (no momentum) and augment + truncate every step, keeping every value, all three rules take Algorithm
+    1's step: ``W ← W − λ P_T(G)`` with ``P_T(G) = U Uᵀ G + G V Vᵀ − U Uᵀ G V Vᵀ`` (fp64, to 1e-10)."""
+    from .helpers import adapter_matrix, geolora_dense
+
+    torch.manual_seed(0)
+    m, n, r, lr = 12, 9, 3, 0.1
+    model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, schedule="step", step_rule=step_rule)
+    with torch.no_grad():  # bases orthonormal in fp64 (they are initialised in fp32), a full S
+        for factor in (layer.geolora_U["default"], layer.geolora_V["default"]):
+            factor[:, :r] = torch.linalg.qr(factor[:, :r])[0]
+        layer.geolora_S["default"][:r, :r] = torch.randn(r, r, dtype=torch.float64)
+    A = torch.randn(m, n, dtype=torch.float64)
+    U, _, V = (t.detach().clone() for t in layer.active_factors("default"))
+    W = adapter_matrix(layer)
+    G = W - A  # the gradient of ½ ‖W − A‖² with respect to W
+    expected = W - lr * (U @ U.T @ G + G @ V @ V.T - U @ U.T @ G @ V @ V.T)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    allocator = RankAllocator(model, optimizer)
+    (0.5 * (model(torch.eye(n, dtype=torch.float64)) - A.T).square().sum()).backward()
+    optimizer.step()
+    allocator.step()
+    torch.testing.assert_close(adapter_matrix(layer), expected, atol=1e-10, rtol=0)
+    assert layer.rank["default"] == 2 * r  # both sides gained r new directions, and tau = 0 keeps them

@@ -1,6 +1,6 @@
 """Rank recovery under the optimizers users run (Adam, AdamW), through the whole stack, with the default scale and
-the ``"coefficient"`` and ``"split"`` step rules (the ``"optimizer"`` rule ends at relative errors 2e-2 ... 3e-1
-here, above these bounds: README, "Choosing the defaults").
+each step rule with the package defaults (``moment_init="mean"``, ``growth_tol=0.2``; with 0.1.0's zero moments
+the ``"optimizer"`` rule ended at relative errors 2e-2 ... 3e-1 here: ``benchmarks/rank_recovery_rules.py``).
 
 Each problem fits a fixed low-rank target ``A`` by minimising ``½ ‖W − A‖²_F`` (``W`` is the adapter of a zero base
 layer) for at most 1,000 steps. GeoLoRA must end at the target's rank with a relative error within
@@ -94,7 +94,7 @@ def lora_error(problem: str, optimizer_name: str, lr: float) -> float:
 # default scale 1 both adaptive rules move a coefficient by about lr per step, and late in the fit by less (the second
 # moment remembers the large early gradients), so reaching singular values up to 5 at lr 3e-3 needs more than 1,000
 # steps: the coefficient rule from rank 1 (2.8e-2 ... 9.6e-2; its shared second moment lets the largest entries move
-# faster than lr), the split rule from any rank (per-entry Adam on S: 0.24 ... 0.61). A scale of 4 meets it, but
+# faster than lr), the optimizer and split rules from any rank (per-entry Adam: 0.24 ... 0.61). A scale of 4 meets it, but
 # collapses on the offline task from lr 5e-3 on (README, "Choosing the defaults"). The split rule also ends at
 # 2.1e-2 (allowed 2.0e-2) on the rank-5 problem from rank 1 under AdamW at lr 1e-2.
 SLOW_AT_SCALE_ONE = pytest.mark.xfail(
@@ -103,17 +103,25 @@ SLOW_AT_SCALE_ONE = pytest.mark.xfail(
 JUST_ABOVE = pytest.mark.xfail(strict=True, reason="split rule: 2.1e-2 where 2.0e-2 is allowed")
 
 
-RULES = {  # the step rules as the suite's ablation runs them
+RULES = {  # the step rules with the package's defaults (moment_init "mean", growth_tol 0.2)
+    "optimizer": {"step_rule": "optimizer"},
     "coefficient": {"step_rule": "coefficient"},
-    "split": {"step_rule": "split", "moment_init": "mean"},
+    "split": {"step_rule": "split"},
 }
 
 
+STALLS_FROM_RANK_ONE = pytest.mark.xfail(
+    strict=True, reason="optimizer rule, 64x48 rank 5, lr 1e-2, from rank 1: ends at rank 4 (error 0.14)"
+)
+
+
 def _marks(rule: str, problem: str, optimizer_name: str, lr: float, r0: int) -> list:
-    if lr == 3e-3 and (rule == "split" or r0 == 1):
+    if lr == 3e-3 and (rule != "coefficient" or r0 == 1):
         return [SLOW_AT_SCALE_ONE]
     if (rule, problem, optimizer_name, lr, r0) == ("split", "64x48_rank5", "adamw", 1e-2, 1):
         return [JUST_ABOVE]
+    if (rule, problem, lr, r0) == ("optimizer", "64x48_rank5", 1e-2, 1):
+        return [STALLS_FROM_RANK_ONE]
     return []
 
 
@@ -127,7 +135,7 @@ CASES = [
         id=f"{rule}-{problem}-{optimizer_name}-lr{lr:g}-r0={r0}",
         marks=_marks(rule, problem, optimizer_name, lr, r0),
     )
-    for rule in ("coefficient", "split")
+    for rule in RULES
     for problem in sorted(PROBLEMS)
     for optimizer_name in ("adam", "adamw")
     for lr in (3e-3, 1e-2, 3e-2)
@@ -149,9 +157,9 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
 
 @pytest.mark.parametrize(
     "rule, lr, within",
-    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down (at lr 1e-2 it falls in 167 steps: per-entry
-    # Adam shrinks a coefficient of 2.5 by at most lr per step, and ends at 2.2e-2)
-    [("coefficient", 1e-2, 100), ("split", 3e-2, 100)],
+    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down (at lr 1e-2 the
+    # per-entry rules fall in 151-167 steps: Adam shrinks a coefficient of 2.5 by at most lr per step)
+    [("coefficient", 1e-2, 100), ("split", 3e-2, 100), ("optimizer", 3e-2, 100)],
 )
 @pytest.mark.parametrize("direction", ["rises", "falls"])
 def test_rank_follows_a_target_whose_rank_changes_mid_training(

@@ -260,7 +260,7 @@ class RankAllocator:
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
         self._hyper: dict[int, StepHyperparameters] = {}
         self._coefficients: Optional[CoefficientState] = None
-        # step_rule="split": the learning rate of each adapter's step, and Ŝ at the start of the open cycle
+        # step_rule="optimizer" or "split": Ŝ at the start of the open cycle (the growth test's reference)
         self._cycle_start: Optional[list[torch.Tensor]] = None
         if self.uses_coefficient_step:
             self._kind = optimizer_kind(self.optimizer)
@@ -271,16 +271,17 @@ class RankAllocator:
                 [a.S.device for a in self.adapters],
             )
             hook = self._take_gradients
-        elif self.config.step_rule == "split":
-            self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
-            self._lrs: list[float] = []
+        else:
             self._cycle_start = [
                 torch.zeros(a.capacity, a.capacity, dtype=integrator.compute_dtype(a.S.dtype), device=a.S.device)
                 for a in self.adapters
             ]
-            hook = self._take_basis_gradients
-        else:
-            hook = self._snapshot_before_step
+            if self.config.step_rule == "split":
+                self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
+                self._lrs: list[float] = []
+                hook = self._take_basis_gradients
+            else:
+                hook = self._snapshot_before_step
         self._hook = self.optimizer.register_step_pre_hook(hook)
         for a in self.adapters:
             a.layer.integrated[a.adapter] = True
@@ -630,6 +631,7 @@ class RankAllocator:
                 optimizer_state.pad_state(
                     self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
                 )
+            self._store_cycle_start(members, S_hat)
             pending.append(_Pending(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
         self._finish_step(pending, truncate)
 
@@ -649,16 +651,21 @@ class RankAllocator:
             dU, dV = -lr * GU, -lr * GV
             U_tilde, V_tilde = _new_directions(U, dU, V, dV, capacity - r)
             S_hat = integrator.assemble_coefficients(S, U_tilde, dU, V_tilde, dV)
-            for b, i in enumerate(members):
+            for i in members:
                 a = self.adapters[i]
                 optimizer_state.pad_state(
                     self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
                 )
-                start = self._cycle_start[i]
-                start.zero_()
-                start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+            self._store_cycle_start(members, S_hat)
             pending.append(_Pending(members, torch.cat([U, U_tilde], -1), S_hat, torch.cat([V, V_tilde], -1)))
         self._finish_step(pending, truncate)
+
+    def _store_cycle_start(self, members: list[int], S_hat: torch.Tensor) -> None:
+        """Remember the augmented coefficients (B, k, k) at the start of the cycle: the growth test's reference."""
+        for b, i in enumerate(members):
+            start = self._cycle_start[i]
+            start.zero_()
+            start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
 
     def _finish_step(self, pending: list[_Pending], truncate: bool) -> None:
         """Truncate the stepped adapters, or write them as they are (an open cycle), with their coefficient state."""
@@ -883,7 +890,7 @@ class RankAllocator:
             a.layer.rank_history[a.adapter] = [tuple(e) for e in history.get(a.name, [])]
         if self._coefficients is not None:
             self._coefficients.load_state_dict(state["coefficient"], [a.name for a in self.adapters])
-        if self._cycle_start is not None:
+        if self._cycle_start is not None and "coefficient" in state:  # absent: saved by 0.1.0, at a cycle's end
             tensors = state["coefficient"]["tensors"]
             for a, S0 in zip(self.adapters, self._cycle_start):
                 S0.copy_(tensors[f"{a.name}.cycle_start"])
