@@ -355,12 +355,7 @@ class RankAllocator:
     @torch.no_grad()
     def _take_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Coefficient rule: take the adapter gradients away from the optimizer, with its current hyperparameters."""
-        if self._pending:
-            self._warn_once(
-                "missing-step",
-                "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
-                "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
-            )
+        self._warn_if_step_missed()
         flat = sharding.gather_columns(
             [p.grad for a in self.adapters for p in a.parameters()], [a.rank for a in self.adapters for _ in "USV"]
         )
@@ -379,12 +374,7 @@ class RankAllocator:
         A step with a non-finite adapter gradient takes S's gradient too, so the optimizer leaves S and its state
         as they were.
         """
-        if self._pending:
-            self._warn_once(
-                "missing-step",
-                "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
-                "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
-            )
+        self._warn_if_step_missed()
         finite = self._all_finite(p.grad for p in self._factor_params())
         self._grads = (
             [(a.layer.geolora_U[a.adapter].grad, None, a.layer.geolora_V[a.adapter].grad) for a in self.adapters]
@@ -417,6 +407,14 @@ class RankAllocator:
                 if p in self.optimizer.state
             }
         self._pending = True
+
+    def _warn_if_step_missed(self) -> None:
+        if self._pending:
+            self._warn_once(
+                "missing-step",
+                "GeoLoRA: optimizer.step() ran twice without allocator.step() in between; the adapters skipped a "
+                "step. Call allocator.step() after every optimizer.step() (the Trainer callback does).",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -624,15 +622,7 @@ class RankAllocator:
             V0 = torch.stack([self._snapshot[i][2][:, :r] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self._stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
-            U_tilde, V_tilde = _new_directions(U0, dU, V0, dV, capacity - r)
-            S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
-            for i in members:
-                a = self.adapters[i]
-                optimizer_state.pad_state(
-                    self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
-                )
-            self._store_cycle_start(members, S_hat)
-            pending.append(_Pending(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
+            pending.append(self._augment_group(members, capacity, U0, S1, V0, dU, dV))
         self._finish_step(pending, truncate)
 
     def _augment_from_gradients(self, truncate: bool) -> None:
@@ -649,23 +639,37 @@ class RankAllocator:
             GU, _, GV = self._stack_gradients(members, r, cd)
             lr = torch.tensor([self._lrs[i] for i in members], dtype=cd, device=U.device)[:, None, None]
             dU, dV = -lr * GU, -lr * GV
-            U_tilde, V_tilde = _new_directions(U, dU, V, dV, capacity - r)
-            S_hat = integrator.assemble_coefficients(S, U_tilde, dU, V_tilde, dV)
-            for i in members:
-                a = self.adapters[i]
-                optimizer_state.pad_state(
-                    self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
-                )
-            self._store_cycle_start(members, S_hat)
-            pending.append(_Pending(members, torch.cat([U, U_tilde], -1), S_hat, torch.cat([V, V_tilde], -1)))
+            pending.append(self._augment_group(members, capacity, U, S, V, dU, dV))
         self._finish_step(pending, truncate)
 
-    def _store_cycle_start(self, members: list[int], S_hat: torch.Tensor) -> None:
-        """Remember the augmented coefficients (B, k, k) at the start of the cycle: the growth test's reference."""
+    def _augment_group(
+        self,
+        members: list[int],
+        capacity: int,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        V: torch.Tensor,
+        dU: torch.Tensor,
+        dV: torch.Tensor,
+    ) -> _Pending:
+        """Optimizer and split rules: the augmented adapters of one group from the proposed moves ``dU``, ``dV``.
+
+        ``U`` (B, m, r), ``S`` (B, r, r, already stepped), ``V`` (B, n, r) → ``Û = [U | Ũ]``, ``Ŝ``, ``V̂ = [V | Ṽ]``;
+        the optimizer's state of the new entries is zeroed or seeded (``moment_init``), and ``Ŝ`` is remembered as
+        the cycle's start (the growth test's reference).
+        """
+        r = U.shape[-1]
+        U_tilde, V_tilde = _new_directions(U, dU, V, dV, capacity - r)
+        S_hat = integrator.assemble_coefficients(S, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
         for b, i in enumerate(members):
+            a = self.adapters[i]
+            optimizer_state.pad_state(
+                self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
+            )
             start = self._cycle_start[i]
             start.zero_()
             start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+        return _Pending(members, torch.cat([U, U_tilde], -1), S_hat, torch.cat([V, V_tilde], -1))
 
     def _finish_step(self, pending: list[_Pending], truncate: bool) -> None:
         """Truncate the stepped adapters, or write them as they are (an open cycle), with their coefficient state."""
