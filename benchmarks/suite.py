@@ -101,6 +101,15 @@ ABLATION = {
         "geolora.growth_tol=0.2",
         "geolora.moment_init=mean",
     ],
+    # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
+    # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
+    "optimizer_mean_growth_alpha0.25": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=0.25",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+    ],
 }
 
 
@@ -317,6 +326,7 @@ def run_phase(
     methods: tuple[str, ...] = METHODS,
     tasks: tuple[str, ...] = OFFLINE_TASKS,
     variants: Optional[tuple[str, ...]] = None,
+    lrs: Optional[tuple[float, ...]] = None,
 ) -> list[dict[str, Any]]:
     runs = [
         r
@@ -324,6 +334,7 @@ def run_phase(
         if r.method in methods
         and r.task in tasks
         and (variants is None or r.variant in variants)
+        and (lrs is None or r.lr in lrs)
         and not r.path(results).is_file()
     ]
     done = []
@@ -510,6 +521,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: <default variant>_rN)"
     )
+    parser.add_argument("--lrs", nargs="+", type=float, help="only runs at these learning rates")
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     if args.smoke and results.resolve() == RESULTS.resolve():
@@ -519,7 +531,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         phases = ["smoke"]
     for phase in phases:
         variants = tuple(args.variants) if args.variants else None
-        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants)
+        lrs = tuple(args.lrs) if args.lrs else None
+        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants, lrs)
     if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
         report = markdown(results)
