@@ -5,7 +5,8 @@
 The problems, bounds and LoRA reference of ``tests/test_rank_recovery_adam.py`` (64×48 rank 5 and 80×40 rank 4,
 1,000 steps, r0 ∈ {1, 16}, lr ∈ {3e-3, 1e-2, 3e-2}, default scale, tau 0.05, max_rank 16), for each variant of the
 suite's ablation: the final rank, the relative error and whether it meets ``max(2e-2, LoRA r=8's error + 1e-2)`` at
-the target's rank. Writes ``benchmarks/results/rank_recovery_rules.json``.
+the target's rank. Writes ``benchmarks/results/rank_recovery_rules.json``, replacing the runs of the variants it ran
+and keeping the others (each variant's command is recorded).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ VARIANTS = {  # the suite's step-rule variants, without the settings the toy pro
     "optimizer_mean_growth": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2},
     "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2},
     "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2},
+    "optimizer_mean_growth_balanced": {
+        "step_rule": "optimizer",
+        "moment_init": "mean",
+        "growth_tol": 0.2,
+        "balance_bases": True,
+    },
 }
 
 
@@ -70,17 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
             )
             print(f"{variant} {problem} {optimizer_name} lr {lr:g} r0 {r0}: rank {rank} error {error:.2e} "
                   f"(allowed {allowed:.2e}) {'met' if rows[-1]['met'] else 'missed'}", flush=True)  # fmt: skip
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    commands = earlier.get("commands") or {r["variant"]: earlier["command"] for r in earlier["runs"]}
+    commands.update(dict.fromkeys(args.variants, " ".join([sys.executable, *sys.argv])))
+    rows = [r for r in earlier["runs"] if r["variant"] not in args.variants] + rows
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     summary = {
         v: {"met": sum(r["met"] for r in rows if r["variant"] == v), "of": sum(r["variant"] == v for r in rows)}
-        for v in args.variants
+        for v in variants
     }
-    result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "torch": torch.__version__,
-        "summary": summary,
-        "runs": rows,
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result = {"commands": commands, "torch": torch.__version__, "summary": summary, "runs": rows}
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary, indent=2))
     return result
 

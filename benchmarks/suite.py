@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from tqdm.auto import tqdm
 
 
@@ -73,6 +74,7 @@ ABLATION = {
         "geolora.tau=0.3",
         "geolora.growth_tol=null",
         "geolora.moment_init=zero",
+        "geolora.balance_bases=false",
     ],
     "coefficient": [
         "geolora.step_rule=coefficient",
@@ -93,6 +95,7 @@ ABLATION = {
         "geolora.tau=0.3",
         "geolora.growth_tol=null",
         "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
     ],
     "optimizer_mean_growth": [
         "geolora.step_rule=optimizer",
@@ -100,6 +103,17 @@ ABLATION = {
         "geolora.tau=0.3",
         "geolora.growth_tol=0.2",
         "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
+    ],
+    # the default with the bases' moves scaled to S's step (balance_bases): a column of a new direction enters with the
+    # weight of a column of S's step instead of about sqrt(m / r) times it
+    "optimizer_mean_growth_balanced": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+        "geolora.balance_bases=true",
     ],
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
@@ -109,19 +123,18 @@ ABLATION = {
         "geolora.tau=0.3",
         "geolora.growth_tol=0.2",
         "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
     ],
 }
 
 
 def _settings(overrides: list[str]) -> dict[str, Any]:
-    """``["geolora.tau=0.3", "geolora.growth_tol=null", ...]`` → ``{"tau": 0.3, "growth_tol": None, ...}``."""
+    """``["geolora.tau=0.3", "geolora.growth_tol=null", ...]`` → ``{"tau": 0.3, "growth_tol": None, ...}`` (values
+    parsed as YAML, as ``run_glue.py --set`` parses them)."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, value = item.removeprefix("geolora.").split("=", 1)
-        try:
-            out[key] = None if value == "null" else float(value)
-        except ValueError:
-            out[key] = value
+        out[key] = yaml.safe_load(value)
     return out
 
 

@@ -379,15 +379,28 @@ def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
     assert new["exp_avg"][2:, :].abs().max() == 0 and new["exp_avg"][:, 2:].abs().max() == 0
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
-def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: str) -> None:
+@pytest.mark.parametrize(
+    "step_rule, balance_bases",
+    [("coefficient", False), ("optimizer", False), ("optimizer", True), ("split", False)],
+)
+def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: str, balance_bases: bool) -> None:
     """With SGD (no momentum) and augment + truncate every step, keeping every value, all three rules take Algorithm
     1's step: ``W ← W − λ P_T(G)`` with ``P_T(G) = U Uᵀ G + G V Vᵀ − U Uᵀ G V Vᵀ`` (fp64, to 1e-10)."""
     from .helpers import adapter_matrix, geolora_dense
 
     torch.manual_seed(0)
     m, n, r, lr = 12, 9, 3, 0.1
-    model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, schedule="step", step_rule=step_rule)
+    model, layer = geolora_dense(
+        m,
+        n,
+        torch.float64,
+        r=r,
+        max_rank=6,
+        tau=0.0,
+        schedule="step",
+        step_rule=step_rule,
+        balance_bases=balance_bases,
+    )
     with torch.no_grad():  # bases orthonormal in fp64 (they are initialised in fp32), a full S
         for factor in (layer.geolora_U["default"], layer.geolora_V["default"]):
             factor[:, :r] = torch.linalg.qr(factor[:, :r])[0]
@@ -404,3 +417,31 @@ def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: st
     allocator.step()
     torch.testing.assert_close(adapter_matrix(layer), expected, atol=1e-10, rtol=0)
     assert layer.rank["default"] == 2 * r  # both sides gained r new directions, and tau = 0 keeps them
+
+
+def test_balanced_bases_scale_the_new_directions_weight_under_adam_only() -> None:
+    """``balance_bases`` under Adam: the same augmented bases, S's block unchanged, and the new-direction blocks of
+    Ŝ = [[S⁺, dVᵀ Ṽ], [Ũᵀ dU, 0]] scaled by √(r/m) (lower left) and √(r/n) (upper right)."""
+    from .helpers import geolora_dense
+
+    m, n, r = 12, 9, 3
+    results = []
+    for balance in (False, True):
+        torch.manual_seed(0)
+        model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, balance_bases=balance)
+        with torch.no_grad():
+            layer.geolora_S["default"][:r, :r] = torch.randn(r, r, dtype=torch.float64)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        allocator = RankAllocator(model, optimizer)
+        (model(torch.randn(4, n, dtype=torch.float64)) ** 2).sum().backward()
+        optimizer.step()
+        allocator.step()  # the first step of a cycle: augmented, not truncated
+        assert allocator.is_augmented and layer.rank["default"] == 2 * r
+        results.append([t.detach().clone() for t in layer.active_factors("default")])
+    (U0, S0, V0), (U1, S1, V1) = results
+    torch.testing.assert_close(U1, U0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(V1, V0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(S1[:r, :r], S0[:r, :r], atol=1e-12, rtol=0)
+    torch.testing.assert_close(S1[r:, :r], S0[r:, :r] * (r / m) ** 0.5, atol=1e-12, rtol=0)
+    torch.testing.assert_close(S1[:r, r:], S0[:r, r:] * (r / n) ** 0.5, atol=1e-12, rtol=0)
+    assert S0[r:, :r].abs().max() > 1e-3 and S0[:r, r:].abs().max() > 1e-3

@@ -66,6 +66,7 @@ ALLOCATOR_OPTIONS = (
     "step_rule",
     "growth_tol",
     "moment_init",
+    "balance_bases",
 )
 
 
@@ -622,8 +623,24 @@ class RankAllocator:
             V0 = torch.stack([self._snapshot[i][2][:, :r] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self._stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
+            if self.config.balance_bases:
+                dU, dV = self._balance(members, dU, dV)
             pending.append(self._augment_group(members, capacity, U0, S1, V0, dU, dV))
         self._finish_step(pending, truncate)
+
+    def _balance(self, members: list[int], dU: torch.Tensor, dV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``balance_bases``: the moves ``dU`` (B, m, r) and ``dV`` (B, n, r) of adapters stepped by an Adam-family
+        optimizer scaled by ``√(r/m)`` and ``√(r/n)``: Adam moves each entry by about λ, so a column of ``dU`` has
+        norm about ``λ√m`` against ``λ√r`` for a column of S's step; scaled, the new directions enter with the
+        weight of S's own step. Adapters stepped by an optimizer without ``betas`` (SGD) keep their exact moves."""
+        m, r = dU.shape[-2:]
+        n = dV.shape[-2]
+        adaptive = [
+            "betas" in self.optimizer.param_groups[group_index_of(self.optimizer, self.adapters[i].U)] for i in members
+        ]
+        u = torch.tensor([(r / m) ** 0.5 if a else 1.0 for a in adaptive], dtype=dU.dtype, device=dU.device)
+        v = torch.tensor([(r / n) ** 0.5 if a else 1.0 for a in adaptive], dtype=dV.dtype, device=dV.device)
+        return dU * u[:, None, None], dV * v[:, None, None]
 
     def _augment_from_gradients(self, truncate: bool) -> None:
         """Split rule: augment every adapter with the new directions of a plain gradient step of K and L.

@@ -160,6 +160,16 @@ class GeoLoraConfig(PeftConfig):
             "Adam's first steps of a new entry are then +-lr whatever its gradient (a noise floor on low-rank fits)."
         },
     )
+    balance_bases: bool = field(
+        default=False,
+        metadata={
+            "help": "step_rule='optimizer' under an Adam-family optimizer (param groups with `betas`): scale the "
+            "optimizer's proposed moves of U (m x r) and V (n x r) by sqrt(r/m) and sqrt(r/n) before the new "
+            "directions are taken from them. Adam moves every entry by about lr, so a column of U moves about "
+            "sqrt(m/r) times as far as a column of S, and the new directions would enter with that much more "
+            "weight than S's own step (at high learning rates, mostly noise). SGD steps are left exact."
+        },
+    )
     warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
     )
@@ -245,6 +255,7 @@ class GeoLoraConfig(PeftConfig):
             self.step_rule in ("coefficient", "optimizer", "split"),
         )
         _check_range("moment_init", self.moment_init, "'zero' or 'mean'", self.moment_init in ("zero", "mean"))
+        _check_range("balance_bases", self.balance_bases, "True or False", isinstance(self.balance_bases, bool))
         if self.growth_tol is not None:
             _check_range(
                 "growth_tol",
