@@ -157,9 +157,10 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
 
 @pytest.mark.parametrize(
     "rule, lr, within",
-    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down (at lr 1e-2 the
-    # per-entry rules fall in 151-167 steps: Adam shrinks a coefficient of 2.5 by at most lr per step)
-    [("coefficient", 1e-2, 100), ("split", 3e-2, 100), ("optimizer", 3e-2, 100)],
+    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down; optimizer with
+    # balance_bases 31 up, 27 down (at lr 1e-2 the per-entry rules fall in 151-167 steps: Adam shrinks a coefficient
+    # of 2.5 by at most lr per step)
+    [("coefficient", 1e-2, 100), ("split", 3e-2, 100), ("optimizer", 3e-2, 100), ("optimizer_balanced", 3e-2, 100)],
 )
 @pytest.mark.parametrize("direction", ["rises", "falls"])
 def test_rank_follows_a_target_whose_rank_changes_mid_training(
@@ -176,7 +177,8 @@ def test_rank_follows_a_target_whose_rank_changes_mid_training(
     def target(step: int) -> torch.Tensor:
         return first if step < switch else second
 
-    layer, error, ranks = run_geolora(target, 2, "adamw", lr, **RULES[rule])
+    config = {"step_rule": "optimizer", "balance_bases": True} if rule == "optimizer_balanced" else RULES[rule]
+    layer, error, ranks = run_geolora(target, 2, "adamw", lr, **config)
     assert ranks[switch - 1] == before  # found the first rank before the switch
     reached = next(step for step in range(switch, len(ranks)) if ranks[step] == after)
     print(
