@@ -436,7 +436,7 @@ def test_balanced_bases_scale_the_new_directions_weight_under_adam_only() -> Non
         (model(torch.randn(4, n, dtype=torch.float64)) ** 2).sum().backward()
         optimizer.step()
         allocator.step()  # the first step of a cycle: augmented, not truncated
-        assert allocator.is_augmented and layer.rank["default"] == 2 * r
+        assert allocator.is_augmented() and layer.rank["default"] == 2 * r
         results.append([t.detach().clone() for t in layer.active_factors("default")])
     (U0, S0, V0), (U1, S1, V1) = results
     torch.testing.assert_close(U1, U0, atol=1e-12, rtol=0)

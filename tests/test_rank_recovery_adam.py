@@ -155,6 +155,10 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
     assert error <= allowed
 
 
+# the rank-change test also runs the optimizer rule with its opt-in balance_bases
+CHANGE_RULES = {**RULES, "optimizer_balanced": {"step_rule": "optimizer", "balance_bases": True}}
+
+
 @pytest.mark.parametrize(
     "rule, lr, within",
     # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down; optimizer with
@@ -177,8 +181,7 @@ def test_rank_follows_a_target_whose_rank_changes_mid_training(
     def target(step: int) -> torch.Tensor:
         return first if step < switch else second
 
-    config = {"step_rule": "optimizer", "balance_bases": True} if rule == "optimizer_balanced" else RULES[rule]
-    layer, error, ranks = run_geolora(target, 2, "adamw", lr, **config)
+    layer, error, ranks = run_geolora(target, 2, "adamw", lr, **CHANGE_RULES[rule])
     assert ranks[switch - 1] == before  # found the first rank before the switch
     reached = next(step for step in range(switch, len(ranks)) if ranks[step] == after)
     print(

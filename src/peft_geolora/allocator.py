@@ -283,6 +283,13 @@ class RankAllocator:
                 hook = self._take_basis_gradients
             else:
                 hook = self._snapshot_before_step
+        # balance_bases: which adapters an Adam-family optimizer (param groups with `betas`) steps
+        self._adaptive = [
+            self.config.balance_bases
+            and self.config.step_rule == "optimizer"
+            and "betas" in self.optimizer.param_groups[group_index_of(self.optimizer, a.U)]
+            for a in self.adapters
+        ]
         self._hook = self.optimizer.register_step_pre_hook(hook)
         for a in self.adapters:
             a.layer.integrated[a.adapter] = True
@@ -635,9 +642,7 @@ class RankAllocator:
         weight of S's own step. Adapters stepped by an optimizer without ``betas`` (SGD) keep their exact moves."""
         m, r = dU.shape[-2:]
         n = dV.shape[-2]
-        adaptive = [
-            "betas" in self.optimizer.param_groups[group_index_of(self.optimizer, self.adapters[i].U)] for i in members
-        ]
+        adaptive = [self._adaptive[i] for i in members]
         u = torch.tensor([(r / m) ** 0.5 if a else 1.0 for a in adaptive], dtype=dU.dtype, device=dU.device)
         v = torch.tensor([(r / n) ** 0.5 if a else 1.0 for a in adaptive], dtype=dV.dtype, device=dV.device)
         return dU * u[:, None, None], dV * v[:, None, None]
