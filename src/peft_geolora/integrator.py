@@ -425,11 +425,12 @@ class GeoLoraFunction(torch.autograd.Function):
     ):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xv = x @ V  # (..., r)
-            y = (xv @ S.transpose(0, 1)) @ U.transpose(0, 1)  # (..., m)
+            # the scale multiplies the r × r factor, not the (..., m) output (a full pass over the activations less)
+            y = (xv @ (S * scale).transpose(0, 1)) @ U.transpose(0, 1)  # (..., m)
         ctx.save_for_backward(x, U, S, V, xv)
         ctx.scale = scale
         ctx.integrated = integrated
-        return y * scale
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -438,13 +439,15 @@ class GeoLoraFunction(torch.autograd.Function):
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy = dy.to(U.dtype)
             du = dy @ U  # (..., r): Uᵀ δ per sample
-            grad_x = ((du @ S) @ V.transpose(0, 1)) * s if ctx.needs_input_grad[0] else None  # (..., n)
+            grad_x = (du @ (S * s)) @ V.transpose(0, 1) if ctx.needs_input_grad[0] else None  # (..., n)
             X = x.reshape(-1, x.shape[-1])  # (B, n)
             XV = xv.reshape(-1, xv.shape[-1])  # (B, r)
             D = dy.reshape(-1, dy.shape[-1])  # (B, m)
             DU = du.reshape(-1, du.shape[-1])  # (B, r)
-            grad_U = (D.transpose(0, 1) @ XV) * s  # (m, r) = G V
-            grad_V = (X.transpose(0, 1) @ DU) * s  # (n, r) = Gᵀ U
+            # (r × B) @ (B × m) then transposed: the same product as Dᵀ XV, two to three times faster on CPU BLAS
+            # than a (m × B) @ (B × r) product with a wide transposed left operand
+            grad_U = (XV.transpose(0, 1) @ D).transpose(0, 1) * s  # (m, r) = G V
+            grad_V = (DU.transpose(0, 1) @ X).transpose(0, 1) * s  # (n, r) = Gᵀ U
             grad_S = (DU.transpose(0, 1) @ XV) * s  # (r, r) = Uᵀ G V
             if not ctx.integrated:
                 grad_U = grad_U @ S.transpose(0, 1)  # (m, r) = G V Sᵀ
@@ -485,11 +488,11 @@ class GeoLoraConvFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             V_hat = V.transpose(0, 1).reshape(r, *kernel)  # (r, c, kh, kw)
             z = torch.nn.functional.conv2d(x, V_hat, stride=stride, padding=padding, dilation=dilation)
-            y = torch.einsum("mr,brhw->bmhw", U @ S, z)
+            y = torch.einsum("mr,brhw->bmhw", U @ (S * scale), z)  # the scale on the small factor
         ctx.save_for_backward(x, U, S, V, z)
         ctx.scale, ctx.integrated, ctx.kernel = scale, integrated, kernel
         ctx.conv = {"stride": stride, "padding": padding, "dilation": dilation}
-        return y * scale
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -501,7 +504,7 @@ class GeoLoraConvFunction(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 V_hat = V.transpose(0, 1).reshape(r, *ctx.kernel)
-                dz = torch.einsum("brhw,rq->bqhw", u, S) * s  # ∂loss/∂z = s Sᵀ Uᵀ δ
+                dz = torch.einsum("brhw,rq->bqhw", u, S * s)  # ∂loss/∂z = s Sᵀ Uᵀ δ
                 grad_x = torch.nn.grad.conv2d_input(x.shape, V_hat, dz, **ctx.conv)
             grad_U = torch.einsum("bmhw,brhw->mr", dy, z) * s  # G V
             grad_S = torch.einsum("brhw,bqhw->rq", u, z) * s  # Uᵀ G V
