@@ -38,6 +38,7 @@ VARIANTS = {  # the suite's step-rule variants, without the settings the toy pro
         "growth_tol": 0.2,
         "balance_bases": True,
     },
+    "optimizer_prior_growth": {"step_rule": "optimizer", "moment_init": "prior", "growth_tol": 0.2},
 }
 
 

@@ -115,6 +115,16 @@ ABLATION = {
         "geolora.moment_init=mean",
         "geolora.balance_bases=true",
     ],
+    # the default with Adam's state of a fresh adapter seeded (moment_init="prior"): its first steps move in proportion
+    # to the gradient instead of +-lr in every entry, which with a large initial rank is a full-size random start
+    "optimizer_prior_growth": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=prior",
+        "geolora.balance_bases=false",
+    ],
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
     "optimizer_mean_growth_alpha0.25": [
@@ -149,6 +159,8 @@ def default_variant() -> str:
 
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
+# variants whose final size over initial ranks is measured (the default's, and those that aim at the spread)
+INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth")
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -234,10 +246,11 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         if lr is None:
             print("init_rank phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
             return
-        for task in INIT_RANK_TASKS:
-            for r0 in INIT_RANKS:
-                overrides = (*GEOLORA_DEFAULTS, f"geolora.r={r0}", "geolora.max_rank=32")
-                yield Run("init_rank", task, "geolora", lr, 0, f"{DEFAULT_VARIANT}_r{r0}", overrides)
+        for variant in INIT_RANK_VARIANTS:
+            for task in INIT_RANK_TASKS:
+                for r0 in INIT_RANKS:
+                    overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
+                    yield Run("init_rank", task, "geolora", lr, 0, f"{variant}_r{r0}", overrides)
     elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
         for method in METHODS:
             for task in OFFLINE_TASKS:
@@ -532,7 +545,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
     parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS, default=list(OFFLINE_TASKS), help="only these")
     parser.add_argument(
-        "--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: <default variant>_rN)"
+        "--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: <variant>_rN)"
     )
     parser.add_argument("--lrs", nargs="+", type=float, help="only runs at these learning rates")
     args = parser.parse_args(argv)

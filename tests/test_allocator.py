@@ -445,3 +445,58 @@ def test_balanced_bases_scale_the_new_directions_weight_under_adam_only() -> Non
     torch.testing.assert_close(S1[r:, :r], S0[r:, :r] * (r / m) ** 0.5, atol=1e-12, rtol=0)
     torch.testing.assert_close(S1[:r, r:], S0[:r, r:] * (r / n) ** 0.5, atol=1e-12, rtol=0)
     assert S0[r:, :r].abs().max() > 1e-3 and S0[:r, r:].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+def test_prior_moments_make_the_first_step_proportional_to_the_gradient(optimizer_class) -> None:
+    """``moment_init="prior"``: the factors' first Adam step is ``-λ g / √(g² + mean g²)`` (per row of U and V, over
+    S's active block) instead of ``-λ sign(g)``; the inactive capacity stays zero in the factors and the state."""
+    lr, r = 1e-2, 4
+    model = _two_layer_model(moment_init="prior", schedule="cycle", cycle_length=3)
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    allocator = RankAllocator(model, optimizer)
+    layer = model.base_model.model.a
+    U, S, V = (getattr(layer, f"geolora_{f}")["default"] for f in "USV")
+    eye = torch.eye(24)
+    ya, yb = model(eye)
+    target = _low_rank(32, 24, 3, 1)
+    (0.5 * ((ya - target.T).square().sum() + yb.square().sum())).backward()
+    gS, gU, gV = S.grad[:r, :r].clone(), U.grad[:, :r].clone(), V.grad[:, :r].clone()
+    S0, U0, V0 = S.detach().clone(), U.detach().clone(), V.detach().clone()
+    optimizer.step()
+    expected_S = -lr * gS / (gS.square() + gS.square().mean()).sqrt()
+    torch.testing.assert_close(S.detach()[:r, :r] - S0[:r, :r], expected_S, rtol=1e-4, atol=1e-7)
+    expected_U = -lr * gU / (gU.square() + gU.square().mean(dim=1, keepdim=True)).sqrt()
+    torch.testing.assert_close(U.detach()[:, :r] - U0[:, :r], expected_U, rtol=1e-4, atol=1e-7)
+    expected_V = -lr * gV / (gV.square() + gV.square().mean(dim=1, keepdim=True)).sqrt()
+    torch.testing.assert_close(V.detach()[:, :r] - V0[:, :r], expected_V, rtol=1e-4, atol=1e-7)
+    assert not (expected_S.abs() / lr > 0.999).all()  # not Adam's sign step
+    assert (optimizer.state[S]["exp_avg_sq"][r:] == 0).all() and (optimizer.state[U]["exp_avg_sq"][:, r:] == 0).all()
+    allocator.step()
+    optimizer.zero_grad()
+    # the prior is written once: the second step continues the optimizer's own second moment
+    v1 = optimizer.state[S]["exp_avg_sq"].clone()
+    ya, yb = model(eye)
+    (0.5 * ((ya - target.T).square().sum() + yb.square().sum())).backward()
+    g2 = S.grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(optimizer.state[S]["exp_avg_sq"], 0.999 * v1 + 0.001 * g2.square())
+    allocator.step()
+
+
+def test_prior_moments_leave_other_optimizers_alone() -> None:
+    """SGD (no second moments) is stepped exactly as without the prior."""
+    results = []
+    for moment_init in ("mean", "prior"):
+        model = _two_layer_model(moment_init=moment_init)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+        allocator = RankAllocator(model, optimizer)
+        _fit(model, (_low_rank(32, 24, 3, 1), _low_rank(32, 24, 2, 2)), allocator, optimizer, steps=6)
+        results.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_moment_init_is_validated() -> None:
+    with pytest.raises(ValueError, match="'zero', 'mean' or 'prior'"):
+        GeoLoraConfig(moment_init="first")

@@ -38,6 +38,16 @@ def test_step_cost_and_allocation_overhead_smoke() -> None:
     assert all(0 < r["alloc_fraction_of_step"] < 1 for r in overhead["runs"])
 
 
+def test_adapter_pass_smoke() -> None:
+    import adapter_pass
+
+    result = adapter_pass.main(["--smoke"])
+    assert [(row["in"], row["out"]) for row in result["shapes"]] == list(adapter_pass.SHAPES)
+    assert all(
+        row["geolora / lora"] > 0 and set(row["median_s"]) == {"lora_r8", "geolora_r8"} for row in result["shapes"]
+    )
+
+
 def test_total_rank_trajectory_follows_the_rank_history() -> None:
     import run as bench
 

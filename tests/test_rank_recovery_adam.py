@@ -155,16 +155,26 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
     assert error <= allowed
 
 
-# the rank-change test also runs the optimizer rule with its opt-in balance_bases
-CHANGE_RULES = {**RULES, "optimizer_balanced": {"step_rule": "optimizer", "balance_bases": True}}
+# the rank-change test also runs the optimizer rule with its opt-in balance_bases and moment_init="prior"
+CHANGE_RULES = {
+    **RULES,
+    "optimizer_balanced": {"step_rule": "optimizer", "balance_bases": True},
+    "optimizer_prior": {"step_rule": "optimizer", "moment_init": "prior"},
+}
 
 
 @pytest.mark.parametrize(
     "rule, lr, within",
     # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down; optimizer with
-    # balance_bases 31 up, 27 down (at lr 1e-2 the per-entry rules fall in 151-167 steps: Adam shrinks a coefficient
+    # balance_bases 31 up, 27 down; with moment_init="prior" 39 up, 27 down (at lr 1e-2 the per-entry rules fall in 151-167 steps: Adam shrinks a coefficient
     # of 2.5 by at most lr per step)
-    [("coefficient", 1e-2, 100), ("split", 3e-2, 100), ("optimizer", 3e-2, 100), ("optimizer_balanced", 3e-2, 100)],
+    [
+        ("coefficient", 1e-2, 100),
+        ("split", 3e-2, 100),
+        ("optimizer", 3e-2, 100),
+        ("optimizer_balanced", 3e-2, 100),
+        ("optimizer_prior", 3e-2, 100),
+    ],
 )
 @pytest.mark.parametrize("direction", ["rises", "falls"])
 def test_rank_follows_a_target_whose_rank_changes_mid_training(

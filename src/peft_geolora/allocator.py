@@ -401,6 +401,9 @@ class RankAllocator:
     def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer rule: snapshot the factors; if an adapter gradient is not finite, the optimizer state too."""
         finite = self._all_finite(p.grad for p in self._factor_params())
+        if finite and self.config.moment_init == "prior":
+            for a in self.adapters:
+                optimizer_state.seed_fresh_state(self.optimizer, *a.parameters(), a.rank)
         # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
         # when the step is undone.
         self._snapshot = [
@@ -686,7 +689,7 @@ class RankAllocator:
         for b, i in enumerate(members):
             a = self.adapters[i]
             optimizer_state.pad_state(
-                self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init == "mean"
+                self.optimizer, a.U, a.S, a.V, r, seed_second_moments=self.config.moment_init in ("mean", "prior")
             )
             start = self._cycle_start[i]
             start.zero_()

@@ -151,13 +151,16 @@ class GeoLoraConfig(PeftConfig):
             "alone. Applies to the tau rule, not to a global budget."
         },
     )
-    moment_init: Literal["zero", "mean"] = field(
+    moment_init: Literal["zero", "mean", "prior"] = field(
         default="mean",
         metadata={
             "help": "step_rule='optimizer' or 'split': how the optimizer's second moments of the new directions start "
             "at an augmentation. 'mean' (default): the mean second moment of the established entries (per row of U "
             "and V, over S's active block), so new entries move in proportion to their gradient. 'zero' (0.1.0): "
-            "Adam's first steps of a new entry are then +-lr whatever its gradient (a noise floor on low-rank fits)."
+            "Adam's first steps of a new entry are then +-lr whatever its gradient (a noise floor on low-rank fits). "
+            "'prior' (step_rule='optimizer', torch Adam/AdamW): 'mean', and the factors' very first step starts from one "
+            "pseudo-observation of the first gradient's mean square, so a fresh adapter's first steps move in "
+            "proportion to the gradient instead of +-lr in all r(m + n + r) entries."
         },
     )
     balance_bases: bool = field(
@@ -254,7 +257,9 @@ class GeoLoraConfig(PeftConfig):
             "one of 'optimizer', 'coefficient', 'split'",
             self.step_rule in ("coefficient", "optimizer", "split"),
         )
-        _check_range("moment_init", self.moment_init, "'zero' or 'mean'", self.moment_init in ("zero", "mean"))
+        _check_range(
+            "moment_init", self.moment_init, "'zero', 'mean' or 'prior'", self.moment_init in ("zero", "mean", "prior")
+        )
         _check_range("balance_bases", self.balance_bases, "True or False", isinstance(self.balance_bases, bool))
         if self.growth_tol is not None:
             _check_range(

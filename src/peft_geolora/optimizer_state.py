@@ -20,6 +20,8 @@ from torch import nn
 
 
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
+# optimizers whose state layout (step, exp_avg, exp_avg_sq, max_exp_avg_sq) seed_fresh_state writes
+PRIOR_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -40,7 +42,7 @@ def pad_state(
 ) -> None:
     """Augmentation keeps the old columns: their state stays, everything beyond rank r starts at zero.
 
-    ``seed_second_moments`` (``step_rule="split"``): the new rows and columns of S's second moments start at the
+    ``seed_second_moments`` (``moment_init="mean"`` or ``"prior"``): the new rows and columns of S's second moments start at the
     mean of the r × r active block instead. A zero second moment makes Adam's first step of an entry
     ``±λ`` whatever its gradient (``m̂ / √v̂ = g / |g|``), so every cycle's new coefficients would take full-size
     steps in the direction of the latest, noisy gradient: on low-rank fitting that leaves a relative-error floor
@@ -103,3 +105,48 @@ def rotate_state(
                 new = lmap[:, :r1].transpose(0, 1) @ block @ rmap[:, :r1]
                 value.zero_()
                 value[:r1, :r1] = new.to(value.dtype)
+
+
+def seed_fresh_state(
+    optimizer: torch.optim.Optimizer, U: nn.Parameter, S: nn.Parameter, V: nn.Parameter, r: int
+) -> None:
+    r"""``moment_init="prior"``: Adam's state of a factor that has none yet starts from one pseudo-observation.
+
+    Called before the optimizer's first step of the factors (their gradients are set, their state is empty). A fresh
+    Adam state makes the first step ``λ m̂ / √v̂ = λ g / |g|``: every entry of ``U``, ``S``, ``V`` moves by ``±λ``
+    whatever its gradient, so an adapter created at a large initial rank starts with a full-size random-sign
+    matrix in all its r² coefficients and r new directions per basis. Here the second moment starts at
+
+    .. math::  v_0 = \frac{1 - \beta_2}{\beta_2} \, \overline{g^2}
+
+    (the mean over the active r columns of each row of ``U`` and ``V``, over the r × r active block of ``S``), so
+    after Adam's bias correction ``v̂₁ = g² + \overline{g^2}`` and the first step is ``λ g / √(g² + \overline{g^2})``:
+    in proportion to the gradient where it is small, at most ``λ``. The pseudo-observation fades like an ordinary
+    one (about ``\overline{g^2} / t`` in ``v̂_t``). Only ``torch.optim.Adam`` / ``AdamW`` without ``fused`` or
+    ``capturable`` are seeded (their state layout is known); other optimizers start as they always do.
+    """
+    if type(optimizer) not in PRIOR_OPTIMIZERS:
+        return
+    for p, is_s in ((U, False), (S, True), (V, False)):
+        if p.grad is None or type(p.grad) is not torch.Tensor or optimizer.state.get(p):
+            continue
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        if group.get("fused") or group.get("capturable") or group.get("differentiable"):
+            continue
+        beta2 = float(group["betas"][1])
+        square = p.grad.detach().square()
+        v0 = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if is_s:
+            v0[:r, :r] = square[:r, :r].mean()
+        else:
+            v0[:, :r] = square[:, :r].mean(dim=1, keepdim=True)
+        v0.mul_((1 - beta2) / beta2)
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        state = {
+            "step": torch.tensor(0.0, dtype=scalar),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": v0,
+        }
+        if group.get("amsgrad"):
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        optimizer.state[p] = state
