@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.test_rank_recovery_adam import PROBLEMS, lora_error, low_rank_target, run_geolora  # noqa: E402
 
 
-VARIANTS = {  # the suite's step-rule variants, without the settings the toy problems fix (scale, tau)
+VARIANTS = {  # the suite's step-rule variants, without the setting the toy problems fix (tau); scale: the default unless given
     "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None},
     "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None},
     "optimizer_mean_growth": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2},
@@ -39,6 +39,13 @@ VARIANTS = {  # the suite's step-rule variants, without the settings the toy pro
         "balance_bases": True,
     },
     "optimizer_prior_growth": {"step_rule": "optimizer", "moment_init": "prior", "growth_tol": 0.2},
+    # the default at 8 times its scale (the suite's optimizer_mean_growth_alpha8)
+    "optimizer_mean_growth_alpha8": {
+        "step_rule": "optimizer",
+        "moment_init": "mean",
+        "growth_tol": 0.2,
+        "lora_alpha": 8.0,
+    },
 }
 
 

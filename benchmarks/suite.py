@@ -115,6 +115,16 @@ ABLATION = {
         "geolora.moment_init=mean",
         "geolora.balance_bases=true",
     ],
+    # the default with 8 times its scale, for the learning rates LoRA users run (1e-4 ... 5e-4): at lr x it should score
+    # like the default at 8x (run at 1e-4, 5e-4 and 2e-3 only: --lrs 0.0001 0.0005 0.002)
+    "optimizer_mean_growth_alpha8": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=8",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
+    ],
     # the default with Adam's state of a fresh adapter seeded (moment_init="prior"): its first steps move in proportion
     # to the gradient instead of +-lr in every entry, which with a large initial rank is a full-size random start
     "optimizer_prior_growth": [
