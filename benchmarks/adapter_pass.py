@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_geolora import GeoLoraConfig
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import machine
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{n:>5} -> {m:<5} " + "  ".join(f"{k} {v * 1e3:.3f} ms" for k, v in median.items()), flush=True)
     result = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "tokens": 16 * 64,
         "repeats": repeats,
         "shapes": rows,

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from tests.test_rank_recovery_adam import PROBLEMS, lora_error, low_rank_target, run_geolora  # noqa: E402
 
 
-VARIANTS = {  # the suite's step-rule variants, without the setting the toy problems fix (tau); scale: the default unless given
+# the suite's step-rule variants, without the setting the toy problems fix (tau); the scale is the default unless given
+VARIANTS = {
     "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None},
     "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None},
     "optimizer_mean_growth": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2},

@@ -116,7 +116,7 @@ ABLATION = {
         "geolora.balance_bases=true",
     ],
     # the default with 8 times its scale, for the learning rates LoRA users run (1e-4 ... 5e-4): at lr x it should score
-    # like the default at 8x (run at 1e-4, 5e-4 and 2e-3 only: --lrs 0.0001 0.0005 0.002)
+    # like the default at about 8x
     "optimizer_mean_growth_alpha8": [
         "geolora.step_rule=optimizer",
         "geolora.lora_alpha=8",

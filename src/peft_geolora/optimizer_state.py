@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .coefficient_optimizer import group_index_of
+
 
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
 # optimizers whose state layout (step, exp_avg, exp_avg_sq, max_exp_avg_sq) seed_fresh_state writes
@@ -42,8 +44,8 @@ def pad_state(
 ) -> None:
     """Augmentation keeps the old columns: their state stays, everything beyond rank r starts at zero.
 
-    ``seed_second_moments`` (``moment_init="mean"`` or ``"prior"``): the new rows and columns of S's second moments start at the
-    mean of the r × r active block instead. A zero second moment makes Adam's first step of an entry
+    ``seed_second_moments`` (``moment_init="mean"`` or ``"prior"``): the new rows and columns of S's second moments
+    start at the mean of the r × r active block instead. A zero second moment makes Adam's first step of an entry
     ``±λ`` whatever its gradient (``m̂ / √v̂ = g / |g|``), so every cycle's new coefficients would take full-size
     steps in the direction of the latest, noisy gradient: on low-rank fitting that leaves a relative-error floor
     of about 2e-2 at λ = 1e-2. Seeded with the layer's typical second moment, a new entry moves in proportion to
@@ -130,7 +132,7 @@ def seed_fresh_state(
     for p, is_s in ((U, False), (S, True), (V, False)):
         if p.grad is None or type(p.grad) is not torch.Tensor or optimizer.state.get(p):
             continue
-        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        group = optimizer.param_groups[group_index_of(optimizer, p)]
         if group.get("fused") or group.get("capturable") or group.get("differentiable"):
             continue
         beta2 = float(group["betas"][1])
