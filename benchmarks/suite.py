@@ -135,6 +135,26 @@ ABLATION = {
         "geolora.moment_init=prior",
         "geolora.balance_bases=false",
     ],
+    # the default with longer cycles (7 and 15 coefficient steps between augmentations instead of 3): fewer
+    # injections of new directions per step (the authors' cycles are 10 to 100 steps) and fewer truncations to pay for
+    "optimizer_mean_growth_c7": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
+        "geolora.cycle_length=7",
+    ],
+    "optimizer_mean_growth_c15": [
+        "geolora.step_rule=optimizer",
+        "geolora.lora_alpha=1",
+        "geolora.tau=0.3",
+        "geolora.growth_tol=0.2",
+        "geolora.moment_init=mean",
+        "geolora.balance_bases=false",
+        "geolora.cycle_length=15",
+    ],
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
     "optimizer_mean_growth_alpha0.25": [

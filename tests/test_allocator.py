@@ -379,6 +379,48 @@ def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
     assert new["exp_avg"][2:, :].abs().max() == 0 and new["exp_avg"][:, 2:].abs().max() == 0
 
 
+def test_rotate_states_matches_the_dense_maps_per_adapter():
+    """Truncation of a batch of adapters (ranks 2 and 3 of k = 4, capacity 5): each adapter's state equals the
+    dense maps of its own P, Q (first moments linear, second moments through the squared maps), zero beyond r₁;
+    a state the maps do not cover is reset with a warning."""
+    from peft_geolora import optimizer_state
+
+    torch.manual_seed(0)
+    k, capacity, ranks = 4, 5, [2, 3]
+    factors = [tuple(nn.Parameter(torch.zeros(shape)) for shape in ((6, 5), (5, 5), (7, 5))) for _ in ranks]
+    optimizer = torch.optim.Adam([p for f in factors for p in f])
+    for params in factors:
+        for p in params:
+            optimizer.state[p] = {
+                "step": torch.tensor(3.0),
+                "exp_avg": torch.randn(p.shape),
+                "exp_avg_sq": torch.rand(p.shape),
+                "other": torch.randn(p.shape),
+            }
+    before = {id(p): {key: v.clone() for key, v in optimizer.state[p].items()} for f in factors for p in f}
+    P = torch.linalg.qr(torch.randn(2, k, k, dtype=torch.float64))[0]
+    Q = torch.linalg.qr(torch.randn(2, k, k, dtype=torch.float64))[0]
+    warnings = []
+    optimizer_state.rotate_states(optimizer, factors, P, Q, ranks, lambda key, msg: warnings.append(key))
+    for b, ((U, S, V), r1) in enumerate(zip(factors, ranks)):
+        for key, square in (("exp_avg", False), ("exp_avg_sq", True)):
+            p_map, q_map = (P[b].square(), Q[b].square()) if square else (P[b], Q[b])
+            p_map, q_map = p_map[:, :r1], q_map[:, :r1]
+            expected = {
+                id(S): p_map.T @ before[id(S)][key][:k, :k].double() @ q_map,
+                id(U): before[id(U)][key][:, :k].double() @ q_map,
+                id(V): before[id(V)][key][:, :k].double() @ p_map,
+            }
+            for p in (U, S, V):
+                new = optimizer.state[p][key]
+                torch.testing.assert_close(new[:, :r1][: r1 if p is S else None].double(), expected[id(p)])
+                assert new[:, r1:].abs().max() == 0 and (p is not S or new[r1:].abs().max() == 0)
+            assert new.shape[-1] == capacity
+        assert all(optimizer.state[p]["other"].abs().max() == 0 for p in (U, S, V))
+        assert all(torch.equal(optimizer.state[p]["step"], before[id(p)]["step"]) for p in (U, S, V))
+    assert warnings == ["state:other"] * 3
+
+
 @pytest.mark.parametrize(
     "step_rule, balance_bases",
     [("coefficient", False), ("optimizer", False), ("optimizer", True), ("split", False)],

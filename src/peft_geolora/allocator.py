@@ -80,17 +80,21 @@ class _Adapter:
     # FSDP2: the whole factors (U, S, V) gathered for one rewrite; the allocator reads and writes these instead
     whole: Optional[list[torch.Tensor]] = None
 
+    def __post_init__(self) -> None:
+        # the layer's ParameterDicts (their entries are looked up at every use: FSDP2 replaces the parameters)
+        self._factors = (self.layer.geolora_U, self.layer.geolora_S, self.layer.geolora_V)
+
     @property
     def U(self) -> torch.Tensor:
-        return self.whole[0] if self.whole is not None else self.layer.geolora_U[self.adapter]
+        return self.whole[0] if self.whole is not None else self._factors[0][self.adapter]
 
     @property
     def S(self) -> torch.Tensor:
-        return self.whole[1] if self.whole is not None else self.layer.geolora_S[self.adapter]
+        return self.whole[1] if self.whole is not None else self._factors[1][self.adapter]
 
     @property
     def V(self) -> torch.Tensor:
-        return self.whole[2] if self.whole is not None else self.layer.geolora_V[self.adapter]
+        return self.whole[2] if self.whole is not None else self._factors[2][self.adapter]
 
     @property
     def rank(self) -> int:
@@ -102,11 +106,7 @@ class _Adapter:
 
     def parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         """The factor parameters themselves (sharded ``DTensor``s under FSDP2)."""
-        return (
-            self.layer.geolora_U[self.adapter],
-            self.layer.geolora_S[self.adapter],
-            self.layer.geolora_V[self.adapter],
-        )
+        return tuple(factor[self.adapter] for factor in self._factors)
 
 
 @dataclass
@@ -256,6 +256,7 @@ class RankAllocator:
         self._warned: set[str] = set()
         # step_rule="optimizer": factors (and, for a non-finite step, optimizer state) before optimizer.step()
         self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
+        self._basis_buffers: Optional[list[torch.Tensor]] = None  # U₁, V₁, U₂, … before the step (reused)
         self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
         # step_rule="coefficient": the gradients taken from the factors, and the hyperparameters of the step
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
@@ -356,9 +357,25 @@ class RankAllocator:
 
     @staticmethod
     def _all_finite(grads: Iterable[Optional[torch.Tensor]]) -> bool:
-        """Every given gradient (None: absent) is finite."""
-        checks = [torch.isfinite(g).all() for g in grads if g is not None]
-        return bool(torch.stack(checks).all()) if checks else True
+        """Every given gradient (None: absent) is finite.
+
+        Plain tensors are checked through their norms, one fused ``_foreach_norm`` per device accumulated in
+        float64 (a NaN or an infinity makes its norm non-finite; a finite float32 or float16 gradient cannot
+        overflow it): one kernel instead of one per tensor, which on 36 adapters was 4 ms of every step on CPU.
+        Sharded ``DTensor`` gradients (FSDP2) are checked one by one.
+        """
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        checks = []
+        for g in grads:
+            if g is None:
+                continue
+            if sharding.is_sharded(g):
+                checks.append(torch.isfinite(g).all())
+            else:
+                by_device[g.device].append(g)
+        for tensors in by_device.values():
+            checks.append(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))).all())
+        return all(bool(c) for c in checks)
 
     @torch.no_grad()
     def _take_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -406,9 +423,16 @@ class RankAllocator:
                 optimizer_state.seed_fresh_state(self.optimizer, *a.parameters(), a.rank)
         # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
         # when the step is undone.
+        bases = [p for a in self.adapters for p in (a.U, a.V)]
+        buffers = self._basis_buffers
+        if buffers is None or any(
+            b.shape != p.shape or b.device != p.device or b.dtype != p.dtype for b, p in zip(buffers, bases)
+        ):  # first step, or the model was moved or cast since
+            self._basis_buffers = [torch.empty_like(p) for p in bases]
+        optimizer_state.copy_all(self._basis_buffers, bases)
         self._snapshot = [
-            (a.U.detach().clone(), None if finite else a.S.detach().clone(), a.V.detach().clone())
-            for a in self.adapters
+            (self._basis_buffers[2 * i], None if finite else a.S.detach().clone(), self._basis_buffers[2 * i + 1])
+            for i, a in enumerate(self.adapters)
         ]
         self._state_snapshot = None
         if not finite:
@@ -619,9 +643,7 @@ class RankAllocator:
 
     def _restore_bases(self) -> None:
         """S-only step of the cycle schedule: undo the optimizer's moves of U and V."""
-        for a, (U, _, V) in zip(self.adapters, self._snapshot):
-            a.U.copy_(U)
-            a.V.copy_(V)
+        optimizer_state.copy_all([p for a in self.adapters for p in (a.U, a.V)], self._basis_buffers)
 
     def _augment_from_optimizer(self, truncate: bool) -> None:
         """Augment every adapter with the optimizer's proposed directions; optionally truncate at once."""
@@ -703,10 +725,11 @@ class RankAllocator:
             return
         self._open_cycle = True
         for item in pending:
-            for b, i in enumerate(item.members):
-                if item.M is not None:
+            if item.M is not None:
+                for b, i in enumerate(item.members):
                     self._coefficients.store(i, item.M[b], item.v[b], item.S0[b])
-                self._write(i, item.U[b], item.S[b], item.V[b], record=False)
+            width = item.U.shape[-1]
+            self._write_group(item.members, item.U, item.S, item.V, [width] * len(item.members), record=False)
 
     # ------------------------------------------------------------------ truncation
     def _truncate_in_place(self) -> None:
@@ -742,16 +765,16 @@ class RankAllocator:
         self._open_cycle = False
         for item, (P, sigma, Q) in zip(pending, spectra):
             U_new, V_new = integrator.rotate_factors(item.U, item.V, P, Q)  # (B, m, k), (B, n, k)
-            M_new = P.transpose(-2, -1) @ item.M @ Q if item.M is not None else None  # the moment in the new basis
-            for b, i in enumerate(item.members):
-                r1 = ranks[i]
-                a = self.adapters[i]
-                if M_new is not None:
+            kept = [ranks[i] for i in item.members]
+            if item.M is not None:
+                M_new = P.transpose(-2, -1) @ item.M @ Q  # the moment in the new basis
+                for b, (i, r1) in enumerate(zip(item.members, kept)):
                     S_kept = torch.diag(sigma[b, :r1])
                     self._coefficients.store(i, M_new[b, :r1, :r1], item.v[b], S_kept)
-                else:
-                    optimizer_state.rotate_state(self.optimizer, a.U, a.S, a.V, P[b], Q[b], r1, self._warn_once)
-                self._write(i, U_new[b, :, :r1], torch.diag(sigma[b, :r1]), V_new[b, :, :r1])
+            else:
+                factors = [self.adapters[i].parameters() for i in item.members]
+                optimizer_state.rotate_states(self.optimizer, factors, P, Q, kept, self._warn_once)
+            self._write_group(item.members, U_new, torch.diag_embed(sigma), V_new, kept)
 
     def _decide_ranks(self, pending: list[_Pending], spectra: list) -> dict[int, int]:
         """New rank of every adapter: unchanged (warm-up, frozen), the tau rule (with growth), or the budget."""
@@ -792,20 +815,36 @@ class RankAllocator:
         ranks.update(zip(order, chosen))
         return ranks
 
-    def _write(self, i: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, record: bool = True) -> None:
-        """Write new active factors in place (U: m × r₁, S: r₁ × r₁, V: n × r₁) and zero the rest.
+    def _write_group(
+        self,
+        members: list[int],
+        U: torch.Tensor,
+        S: torch.Tensor,
+        V: torch.Tensor,
+        ranks: list[int],
+        record: bool = True,
+    ) -> None:
+        """Write new active factors of equally shaped adapters in place and zero the rest (one fused copy).
 
-        ``record``: a truncation's kept rank goes into the rank history; an augmentation's transient one does not.
+        ``U`` (B, m, w), ``S`` (B, w, w), ``V`` (B, n, w): adapter ``members[b]`` gets the first ``ranks[b]``
+        columns (rows and columns of ``S``); everything beyond is zero. ``record``: a truncation's kept rank goes
+        into the rank history; an augmentation's transient one does not.
         """
+        width = U.shape[-1]
+        pad = self.adapters[members[0]].capacity - width
+        drop = torch.arange(width, device=U.device)[None, :] >= torch.tensor(ranks, device=U.device)[:, None]
+        U = torch.nn.functional.pad(U.masked_fill(drop[:, None, :], 0), (0, pad))
+        V = torch.nn.functional.pad(V.masked_fill(drop[:, None, :], 0), (0, pad))
+        S = S.masked_fill(drop[:, None, :] | drop[:, :, None], 0)
+        S = torch.nn.functional.pad(S, (0, pad, 0, pad))
+        targets = [p for i in members for p in (self.adapters[i].U, self.adapters[i].S, self.adapters[i].V)]
+        optimizer_state.copy_all(targets, [x for b in range(len(members)) for x in (U[b], S[b], V[b])])
+        for i, r1 in zip(members, ranks):
+            self._record(i, r1, record)
+
+    def _record(self, i: int, r1: int, record: bool) -> None:
+        """Set adapter ``i``'s active rank to ``r₁`` (its factors are written) and, if ``record``, log a change."""
         a = self.adapters[i]
-        r1 = U.shape[-1]
-        a.U[:, :r1] = U.to(a.U.dtype)
-        a.S[:r1, :r1] = S.to(a.S.dtype)
-        a.V[:, :r1] = V.to(a.V.dtype)
-        a.U[:, r1:] = 0
-        a.V[:, r1:] = 0
-        a.S[r1:, :] = 0
-        a.S[:, r1:] = 0
         if record:
             history = a.layer.rank_history.setdefault(a.adapter, [])
             kept = history[-1][1] if history else self._base_ranks.get(i, a.rank)

@@ -13,7 +13,6 @@ Inactive capacity is zero in the factors and in the state.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Optional
 
 import torch
 from torch import nn
@@ -66,24 +65,34 @@ def pad_state(
                 value[:, r:] = fill
 
 
-def rotate_state(
+def rotate_states(
     optimizer: torch.optim.Optimizer,
-    U: nn.Parameter,
-    S: nn.Parameter,
-    V: nn.Parameter,
+    factors: list[tuple[nn.Parameter, nn.Parameter, nn.Parameter]],
     P: torch.Tensor,
     Q: torch.Tensor,
-    r1: int,
+    ranks: list[int],
     warn: Callable[[str, str], None],
 ) -> None:
-    """Carry the state into the truncated SVD coordinates ``P[:, :r₁]``, ``Q[:, :r₁]`` (maps in the module docstring)."""
-    maps: tuple[tuple[nn.Parameter, Optional[torch.Tensor], torch.Tensor], ...] = (
-        (S, P, Q),
-        (U, None, Q),
-        (V, None, P),
-    )
-    for p, left, right in maps:
-        for key, value in state_tensors(optimizer, p):
+    """Carry the state of a batch of equally shaped adapters into their truncated SVD coordinates.
+
+    ``factors``: (U, S, V) of each adapter; ``P``, ``Q`` (B, k, k): the small SVD ``Ŝ = P Σ Qᵀ`` of each augmented
+    coefficient matrix; ``ranks``: the kept rank ``r₁`` of each. The maps are those of the module docstring with
+    ``P[:, :r₁]``, ``Q[:, :r₁]``: the columns of ``P`` and ``Q`` beyond each ``r₁`` are zeroed, so one batched
+    product per state key gives every adapter's state in its new coordinates, zero beyond ``r₁``, and one fused
+    copy writes them all.
+    """
+    k = Q.shape[-1]
+    kept = torch.arange(k, device=Q.device)[None, :] >= torch.tensor(ranks, device=Q.device)[:, None]  # (B, k)
+    P = P.masked_fill(kept[:, None, :], 0)
+    Q = Q.masked_fill(kept[:, None, :], 0)
+    for f, left, right in ((1, P, Q), (0, None, Q), (2, None, P)):
+        by_key: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+        for b, params in enumerate(factors):
+            for key, value in state_tensors(optimizer, params[f]):
+                members, values = by_key.setdefault(key, ([], []))
+                members.append(b)
+                values.append(value)
+        for key, (members, values) in by_key.items():
             if key in LINEAR_STATE_KEYS:
                 lmap, rmap = left, right
             elif key in QUADRATIC_STATE_KEYS:
@@ -95,18 +104,30 @@ def rotate_state(
                     f"GeoLoRA resets the optimizer state `{key}` of the factors when the bases rotate "
                     "(only exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer are carried over).",
                 )
-                value.zero_()
+                torch._foreach_zero_(values)
                 continue
-            cd = rmap.dtype
-            if lmap is None:  # U or V: (dim, k) @ (k, r1)
-                new = value[:, : rmap.shape[0]].to(cd) @ rmap[:, :r1]
-                value.zero_()
-                value[:, :r1] = new.to(value.dtype)
-            else:  # S: (r1, a) @ (a, b) @ (b, r1)
-                block = value[: lmap.shape[0], : rmap.shape[0]].to(cd)
-                new = lmap[:, :r1].transpose(0, 1) @ block @ rmap[:, :r1]
-                value.zero_()
-                value[:r1, :r1] = new.to(value.dtype)
+            index = torch.tensor(members, device=rmap.device)
+            rmap = rmap[index]
+            width = values[0].shape[-1] - k
+            if lmap is None:  # U or V: (B, dim, k) @ (B, k, k)
+                new = torch.stack([v[:, :k] for v in values]).to(rmap.dtype) @ rmap
+                new = torch.nn.functional.pad(new, (0, width))
+            else:  # S: (B, k, k)ᵀ @ (B, k, k) @ (B, k, k)
+                block = torch.stack([v[:k, :k] for v in values]).to(rmap.dtype)
+                new = lmap[index].transpose(-2, -1) @ block @ rmap
+                new = torch.nn.functional.pad(new, (0, width, 0, width))
+            copy_all(values, list(new.unbind(0)))
+
+
+def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``target.copy_(source)`` (with a cast to the target's dtype) for every pair, one fused copy per device."""
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for target, source in zip(targets, sources):
+        group = by_device.setdefault(target.device, ([], []))
+        group[0].append(target)
+        group[1].append(source)
+    for group_targets, group_sources in by_device.values():
+        torch._foreach_copy_(group_targets, group_sources)
 
 
 def seed_fresh_state(
