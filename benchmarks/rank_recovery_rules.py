@@ -48,7 +48,12 @@ VARIANTS = {
         "lora_alpha": 8.0,
     },
     # the default with longer cycles (the suite's optimizer_mean_growth_c7 and _c15)
-    "optimizer_mean_growth_c7": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2, "cycle_length": 7},
+    "optimizer_mean_growth_c7": {
+        "step_rule": "optimizer",
+        "moment_init": "mean",
+        "growth_tol": 0.2,
+        "cycle_length": 7,
+    },
     "optimizer_mean_growth_c15": {
         "step_rule": "optimizer",
         "moment_init": "mean",

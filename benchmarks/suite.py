@@ -189,8 +189,9 @@ def default_variant() -> str:
 
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
-# variants whose final size over initial ranks is measured (the default's, and those that aim at the spread)
-INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth")
+# variants whose final size over initial ranks is measured: the default's, those that aim at the spread, and the
+# coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's size)
+INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth", "coefficient")
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),

@@ -131,3 +131,18 @@ def test_suite_runs_are_claimed_once_and_dead_owners_released(tmp_path) -> None:
     lock.unlink()
     run.path(tmp_path).write_text("{}")
     assert not suite.claim(run, tmp_path) and not lock.exists()  # already done
+
+
+@pytest.mark.slow
+def test_rank_trajectory_smoke_runs_each_initial_rank(tmp_path) -> None:
+    import rank_trajectory
+    import suite
+
+    if suite.chosen_lrs(suite.RESULTS).get("geolora") is None:
+        pytest.skip("the committed suite results choose no GeoLoRA lr")
+    data = rank_trajectory.main(["--smoke", "--r0", "1", "4", "--out_dir", str(tmp_path)])
+    assert list(data["runs"]) == ["1", "4"]
+    for r0, run in data["runs"].items():
+        assert run["total_rank_by_step"][0][1] == 6 * int(r0)  # one encoder layer: six adapted Linear layers
+        assert all(a[0] < b[0] for a, b in zip(run["total_rank_by_step"], run["total_rank_by_step"][1:]))
+    assert not list(tmp_path.iterdir())  # a smoke run writes nothing
