@@ -189,9 +189,10 @@ def default_variant() -> str:
 
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
-# variants whose final size over initial ranks is measured: the default's, those that aim at the spread, and the
-# coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's size)
-INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth", "coefficient")
+# variants whose final size over initial ranks is measured (each at its own best lr): the default's, those that aim at
+# the spread, the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the
+# gradient's size) and the setting the README recommends for LoRA users' learning rates (lora_alpha=8)
+INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth", "coefficient", "optimizer_mean_growth_alpha8")
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -254,6 +255,18 @@ def chosen_lrs(results: Path) -> dict[str, float]:
     return chosen
 
 
+def variant_lr(variant: str, results: Path) -> Optional[float]:
+    """A GeoLoRA variant's own lr: the best mean validation score over LR_TASKS among its ablation runs, once every
+    lr of GeoLoRA's grid is done for it; None before."""
+    by_lr = {}
+    for lr in LR_GRID["geolora"]:
+        paths = [Run("ablation", task, "geolora", lr, 0, variant).path(results) for task in LR_TASKS]
+        if all(path.is_file() for path in paths):
+            records = [json.loads(path.read_text()) for path in paths]
+            by_lr[lr] = statistics.mean(primary_score(r["task"], r["metrics"]["validation"]) for r in records)
+    return max(by_lr, key=by_lr.get) if len(by_lr) == len(LR_GRID["geolora"]) else None
+
+
 def planned_runs(phase: str, results: Path) -> Iterator[Run]:
     if phase == "lr":
         for method in METHODS:
@@ -278,10 +291,11 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
             print("init_rank phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
             return
         for variant in INIT_RANK_VARIANTS:
+            own = variant_lr(variant, results) if variant != DEFAULT_VARIANT else lr  # e.g. lora_alpha=8: 2e-3
             for task in INIT_RANK_TASKS:
                 for r0 in INIT_RANKS:
                     overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
-                    yield Run("init_rank", task, "geolora", lr, 0, f"{variant}_r{r0}", overrides)
+                    yield Run("init_rank", task, "geolora", own or lr, 0, f"{variant}_r{r0}", overrides)
     elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
         for method in METHODS:
             for task in OFFLINE_TASKS:

@@ -117,6 +117,29 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
 
 
+def test_suite_measures_each_initial_rank_variant_at_its_own_best_lr(tmp_path) -> None:
+    import suite
+
+    variant, grid = "optimizer_mean_growth_alpha8", suite.LR_GRID["geolora"]
+    for i, lr in enumerate(grid):
+        for task in suite.LR_TASKS:
+            run = suite.Run("ablation", task, "geolora", lr, 0, variant)
+            run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+            record = {"task": task, "metrics": {"validation": {"accuracy": 0.5 + 0.1 * (i == 2)}}}
+            run.path(tmp_path).write_text(json.dumps(record))
+    for i, lr in enumerate(grid):  # GeoLoRA's own grid: the chosen lr is the second
+        for task in suite.LR_TASKS:
+            run = suite.lr_run(task, "geolora", lr)
+            run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+            run.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": 0.5 + 0.1 * (i == 1)}}}))
+    assert suite.variant_lr(variant, tmp_path) == grid[2]
+    lrs = {run.variant.rsplit("_r", 1)[0]: run.lr for run in suite.planned_runs("init_rank", tmp_path)}
+    assert lrs[variant] == grid[2] and lrs[suite.DEFAULT_VARIANT] == grid[1]
+    assert lrs["coefficient"] == grid[1]  # no complete grid of its own: GeoLoRA's chosen lr
+    suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
+    assert suite.variant_lr(variant, tmp_path) is None
+
+
 def test_suite_runs_are_claimed_once_and_dead_owners_released(tmp_path) -> None:
     import os
 

@@ -160,20 +160,28 @@ CHANGE_RULES = {
     **RULES,
     "optimizer_balanced": {"step_rule": "optimizer", "balance_bases": True},
     "optimizer_prior": {"step_rule": "optimizer", "moment_init": "prior"},
+    "optimizer_c7": {"step_rule": "optimizer", "cycle_length": 7},
+    "optimizer_c15": {"step_rule": "optimizer", "cycle_length": 15},
+    "optimizer_alpha8": {"step_rule": "optimizer", "lora_alpha": 8.0},
 }
 
 
 @pytest.mark.parametrize(
     "rule, lr, within",
     # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down; optimizer with
-    # balance_bases 31 up, 27 down; with moment_init="prior" 39 up, 27 down (at lr 1e-2 the per-entry rules fall in 151-167 steps: Adam shrinks a coefficient
-    # of 2.5 by at most lr per step)
+    # balance_bases 31 up, 27 down; with moment_init="prior" 39 up, 27 down; with cycle_length 7: 11 up, 27 down, 15:
+    # 43 and 43; with lora_alpha=8 at lr 1e-2: 11 up, 31 down (at 3e-2 it follows too, but ends at errors 3.3e-2). At
+    # lr 1e-2 the per-entry rules at scale 1 fall in 123-167 steps: Adam shrinks a coefficient of 2.5 by at most lr
+    # per step.
     [
         ("coefficient", 1e-2, 100),
         ("split", 3e-2, 100),
         ("optimizer", 3e-2, 100),
         ("optimizer_balanced", 3e-2, 100),
         ("optimizer_prior", 3e-2, 100),
+        ("optimizer_c7", 3e-2, 100),
+        ("optimizer_c15", 3e-2, 100),
+        ("optimizer_alpha8", 1e-2, 100),
     ],
 )
 @pytest.mark.parametrize("direction", ["rises", "falls"])
