@@ -82,9 +82,9 @@ def rotate_states(
     copy writes them all.
     """
     k = Q.shape[-1]
-    kept = torch.arange(k, device=Q.device)[None, :] >= torch.tensor(ranks, device=Q.device)[:, None]  # (B, k)
-    P = P.masked_fill(kept[:, None, :], 0)
-    Q = Q.masked_fill(kept[:, None, :], 0)
+    dropped = torch.arange(k, device=Q.device)[None, :] >= torch.tensor(ranks, device=Q.device)[:, None]  # (B, k)
+    P = P.masked_fill(dropped[:, None, :], 0)
+    Q = Q.masked_fill(dropped[:, None, :], 0)
     for f, left, right in ((1, P, Q), (0, None, Q), (2, None, P)):
         by_key: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
         for b, params in enumerate(factors):
