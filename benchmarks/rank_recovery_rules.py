@@ -26,40 +26,22 @@ sys.path.insert(0, str(ROOT))
 from tests.test_rank_recovery_adam import PROBLEMS, lora_error, low_rank_target, run_geolora  # noqa: E402
 
 
+# the default rule's settings (the suite's optimizer_mean_growth)
+DEFAULT_RULE = {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2}
 # the suite's step-rule variants, without the setting the toy problems fix (tau); the scale is the default unless given
 VARIANTS = {
     "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None},
     "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None},
-    "optimizer_mean_growth": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2},
+    "optimizer_mean_growth": DEFAULT_RULE,
     "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2},
     "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2},
-    "optimizer_mean_growth_balanced": {
-        "step_rule": "optimizer",
-        "moment_init": "mean",
-        "growth_tol": 0.2,
-        "balance_bases": True,
-    },
-    "optimizer_prior_growth": {"step_rule": "optimizer", "moment_init": "prior", "growth_tol": 0.2},
+    "optimizer_mean_growth_balanced": {**DEFAULT_RULE, "balance_bases": True},
+    "optimizer_prior_growth": {**DEFAULT_RULE, "moment_init": "prior"},
     # the default at 8 times its scale (the suite's optimizer_mean_growth_alpha8)
-    "optimizer_mean_growth_alpha8": {
-        "step_rule": "optimizer",
-        "moment_init": "mean",
-        "growth_tol": 0.2,
-        "lora_alpha": 8.0,
-    },
+    "optimizer_mean_growth_alpha8": {**DEFAULT_RULE, "lora_alpha": 8.0},
     # the default with longer cycles (the suite's optimizer_mean_growth_c7 and _c15)
-    "optimizer_mean_growth_c7": {
-        "step_rule": "optimizer",
-        "moment_init": "mean",
-        "growth_tol": 0.2,
-        "cycle_length": 7,
-    },
-    "optimizer_mean_growth_c15": {
-        "step_rule": "optimizer",
-        "moment_init": "mean",
-        "growth_tol": 0.2,
-        "cycle_length": 15,
-    },
+    "optimizer_mean_growth_c7": {**DEFAULT_RULE, "cycle_length": 7},
+    "optimizer_mean_growth_c15": {**DEFAULT_RULE, "cycle_length": 15},
 }
 
 

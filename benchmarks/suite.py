@@ -61,6 +61,22 @@ LR_GRID = {
 SEEDS = (0, 1, 2)
 INIT_RANKS = (1, 2, 4, 8, 16, 32)
 INIT_RANK_TASKS = ("rt_polarity", "trec6")
+
+
+def _default_rule_with(**changes: str) -> list[str]:
+    """The overrides of the default step rule (``optimizer_mean_growth``) with some settings changed or added
+    (values as YAML text, e.g. ``lora_alpha="8"``)."""
+    base = {
+        "step_rule": "optimizer",
+        "lora_alpha": "1",
+        "tau": "0.3",
+        "growth_tol": "0.2",
+        "moment_init": "mean",
+        "balance_bases": "false",
+    }
+    return [f"geolora.{key}={value}" for key, value in {**base, **changes}.items()]
+
+
 # GeoLoRA's step-rule variants, each with its settings spelled out (so a run's JSON says what ran whatever the package
 # defaults are): the user's AdamW steps U, S, V (0.1.0's rule: scale 1, tau 0.3), with the new directions' second
 # moments starting at zero (0.1.0) or at the established ones' mean; the allocator steps the augmented coefficients
@@ -68,14 +84,7 @@ INIT_RANK_TASKS = ("rt_polarity", "trec6")
 # GeoLoRA's learning-rate, test and initial-rank runs are those of the variant that equals the package defaults,
 # DEFAULT_VARIANT.
 ABLATION = {
-    "optimizer": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=null",
-        "geolora.moment_init=zero",
-        "geolora.balance_bases=false",
-    ],
+    "optimizer": _default_rule_with(growth_tol="null", moment_init="zero"),
     "coefficient": [
         "geolora.step_rule=coefficient",
         "geolora.lora_alpha=1",
@@ -89,82 +98,24 @@ ABLATION = {
         "geolora.growth_tol=0.2",
         "geolora.moment_init=mean",
     ],
-    "optimizer_mean": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=null",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-    ],
-    "optimizer_mean_growth": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-    ],
+    "optimizer_mean": _default_rule_with(growth_tol="null"),
+    "optimizer_mean_growth": _default_rule_with(),
     # the default with the bases' moves scaled to S's step (balance_bases): a column of a new direction enters with the
     # weight of a column of S's step instead of about sqrt(m / r) times it
-    "optimizer_mean_growth_balanced": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=true",
-    ],
+    "optimizer_mean_growth_balanced": _default_rule_with(balance_bases="true"),
     # the default with 8 times its scale, for the learning rates LoRA users run (1e-4 ... 5e-4): at lr x it should score
     # like the default at about 8x
-    "optimizer_mean_growth_alpha8": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=8",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-    ],
+    "optimizer_mean_growth_alpha8": _default_rule_with(lora_alpha="8"),
     # the default with Adam's state of a fresh adapter seeded (moment_init="prior"): its first steps move in proportion
     # to the gradient instead of +-lr in every entry, which with a large initial rank is a full-size random start
-    "optimizer_prior_growth": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=prior",
-        "geolora.balance_bases=false",
-    ],
+    "optimizer_prior_growth": _default_rule_with(moment_init="prior"),
     # the default with longer cycles (7 and 15 coefficient steps between augmentations instead of 3): fewer
     # injections of new directions per step (the authors' cycles are 10 to 100 steps) and fewer truncations to pay for
-    "optimizer_mean_growth_c7": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-        "geolora.cycle_length=7",
-    ],
-    "optimizer_mean_growth_c15": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=1",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-        "geolora.cycle_length=15",
-    ],
+    "optimizer_mean_growth_c7": _default_rule_with(cycle_length="7"),
+    "optimizer_mean_growth_c15": _default_rule_with(cycle_length="15"),
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
-    "optimizer_mean_growth_alpha0.25": [
-        "geolora.step_rule=optimizer",
-        "geolora.lora_alpha=0.25",
-        "geolora.tau=0.3",
-        "geolora.growth_tol=0.2",
-        "geolora.moment_init=mean",
-        "geolora.balance_bases=false",
-    ],
+    "optimizer_mean_growth_alpha0.25": _default_rule_with(lora_alpha="0.25"),
 }
 
 
