@@ -42,6 +42,8 @@ VARIANTS = {
     # the default with longer cycles (the suite's optimizer_mean_growth_c7 and _c15)
     "optimizer_mean_growth_c7": {**DEFAULT_RULE, "cycle_length": 7},
     "optimizer_mean_growth_c15": {**DEFAULT_RULE, "cycle_length": 15},
+    # the default with the bases stepped only at each cycle's augmentation (the suite's optimizer_mean_growth_aug)
+    "optimizer_mean_growth_aug": {**DEFAULT_RULE, "basis_steps": "augment"},
 }
 
 

@@ -66,6 +66,10 @@ def build(name: str, path: str, total_steps: int):
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="split", moment_init="mean", **common)
     elif name == "geolora_split_adaptive":
         config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="split", moment_init="mean", **common)
+    elif name == "geolora_augment_pinned_r8_cycle":
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, basis_steps="augment", **common)
+    elif name == "geolora_augment_adaptive":
+        config = GeoLoraConfig(r=8, max_rank=16, basis_steps="augment", **common)
     else:  # geolora_adaptive: the default rule and settings
         config = GeoLoraConfig(r=8, max_rank=16, **common)
     model = get_peft_model(base, config)
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         "geolora_pinned_r8_step",
         "geolora_pinned_r8_cycle",
         "geolora_adaptive",
+        "geolora_augment_pinned_r8_cycle",
+        "geolora_augment_adaptive",
         "geolora_coefficient_pinned_r8_cycle",
         "geolora_coefficient_adaptive",
         "geolora_split_pinned_r8_cycle",

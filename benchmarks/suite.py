@@ -113,6 +113,10 @@ ABLATION = {
     # injections of new directions per step (the authors' cycles are 10 to 100 steps) and fewer truncations to pay for
     "optimizer_mean_growth_c7": _default_rule_with(cycle_length="7"),
     "optimizer_mean_growth_c15": _default_rule_with(cycle_length="15"),
+    # the default with the bases stepped by the optimizer only at each cycle's augmentation (basis_steps="augment"):
+    # their moments see only the gradients whose moves become new directions, and the other steps skip the bases'
+    # gradients, snapshot and restore
+    "optimizer_mean_growth_aug": _default_rule_with(basis_steps="augment"),
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
     "optimizer_mean_growth_alpha0.25": _default_rule_with(lora_alpha="0.25"),

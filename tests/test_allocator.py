@@ -107,9 +107,19 @@ def test_warmup_and_freeze_fix_the_ranks() -> None:
     assert all(step > 5 and step <= 12 for events in history.values() for step, _ in events)
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
-def test_non_finite_step_is_undone_bit_for_bit(step_rule: str) -> None:
-    model = _two_layer_model(schedule="step", step_rule=step_rule)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"schedule": "step", "step_rule": "coefficient"},
+        {"schedule": "step", "step_rule": "optimizer"},
+        {"schedule": "step", "step_rule": "split"},
+        # the non-finite step is an S-only step of a cycle (the 4th), on which the optimizer does not step the bases
+        {"schedule": "cycle", "step_rule": "optimizer", "basis_steps": "augment"},
+    ],
+)
+def test_non_finite_step_is_undone_bit_for_bit(settings: dict) -> None:
+    step_rule = settings["step_rule"]
+    model = _two_layer_model(**settings)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-2)
@@ -138,6 +148,55 @@ def test_non_finite_step_is_undone_bit_for_bit(step_rule: str) -> None:
         assert all(torch.equal(saved["tensors"][k], now["tensors"][k]) for k in saved["tensors"])
     _fit(model, targets, allocator, optimizer, steps=3)  # the run continues
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def _basis_flags(model) -> set[bool]:
+    return {m.basis_gradients["default"] for m in model.modules() if hasattr(m, "basis_gradients")}
+
+
+@pytest.mark.parametrize("step_rule", ["coefficient", "split"])
+def test_skipping_the_basis_gradients_on_s_only_steps_changes_nothing(step_rule: str) -> None:
+    """The coefficient and split rules read the K- and L-gradients only at a cycle's augmentation: the layers skip
+    them on the other steps, and the run is bit for bit the one that computes them at every step."""
+
+    def run(skip: bool) -> tuple[list[torch.Tensor], list[set[bool]]]:
+        model = _two_layer_model(step_rule=step_rule)
+        targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        allocator = RankAllocator(model, optimizer)
+        if not skip:
+            allocator._steps_bases = lambda: True
+            allocator._announce_next_step()
+        flags = [_basis_flags(model)]
+        _fit(model, targets, allocator, optimizer, steps=14, after_step=lambda: flags.append(_basis_flags(model)))
+        return [p.detach().clone() for p in params], flags
+
+    skipped, flags = run(skip=True)
+    computed, always = run(skip=False)
+    assert flags[:9] == [{True}, {False}, {False}, {False}, {True}, {False}, {False}, {False}, {True}]
+    assert always == [{True}] * 15
+    assert all(torch.equal(a, b) for a, b in zip(skipped, computed))
+
+
+@pytest.mark.parametrize("basis_steps", ["every", "augment"])
+def test_basis_steps_says_when_the_optimizer_steps_the_bases(basis_steps: str) -> None:
+    """Optimizer rule: ``basis_steps="augment"`` has the optimizer step U and V only at each cycle's augmentation
+    (their Adam step count is the number of cycles), "every" at every step; S is stepped at every step."""
+    model = _two_layer_model(basis_steps=basis_steps, tau=0.1)
+    targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=200)
+    layer = model.base_model.model.a
+    U, S = layer.geolora_U["default"], layer.geolora_S["default"]
+    assert int(optimizer.state[S]["step"]) == 200
+    assert int(optimizer.state[U]["step"]) == (50 if basis_steps == "augment" else 200)
+    allocator.finish()
+    assert allocator.ranks() == {"base_model.model.a": 6, "base_model.model.b": 2}
+    error = torch.linalg.norm(layer.get_delta_weight("default") - targets[0]) / torch.linalg.norm(targets[0])
+    assert error < 2e-2, float(error)
+    assert orthonormality_error(U[:, :6]) < 1e-5
 
 
 def test_step_skipped_by_the_grad_scaler_is_skipped() -> None:

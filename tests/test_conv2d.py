@@ -24,8 +24,8 @@ CONVS = [  # (in, out, kernel, stride, padding, dilation)
 
 
 @pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("integrated", [True, False])
-def test_conv_gradients_match_dense_autograd_in_fp64(conv, integrated: bool) -> None:
+@pytest.mark.parametrize("integrated, bases", [(True, True), (False, True), (True, False)])
+def test_conv_gradients_match_dense_autograd_in_fp64(conv, integrated: bool, bases: bool) -> None:
     c, m, kernel, stride, padding, dilation = conv
     n, r, s = c * kernel[0] * kernel[1], 3, 0.7
     g = torch.Generator().manual_seed(0)
@@ -35,7 +35,7 @@ def test_conv_gradients_match_dense_autograd_in_fp64(conv, integrated: bool) -> 
     S = torch.randn(r, r, dtype=torch.float64, generator=g).requires_grad_()
     options = {"stride": stride, "padding": padding, "dilation": dilation}
 
-    y = GeoLoraConvFunction.apply(x, U, S, V, s, integrated, (c, *kernel), stride, padding, dilation)
+    y = GeoLoraConvFunction.apply(x, U, S, V, s, integrated, bases, (c, *kernel), stride, padding, dilation)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
     gx, gU, gS, gV = torch.autograd.grad(y, (x, U, S, V), dy)
 
@@ -47,7 +47,9 @@ def test_conv_gradients_match_dense_autograd_in_fp64(conv, integrated: bool) -> 
     G = G * s  # G = s Σ δ patchᵀ, the integrator's G: ∂loss/∂W times the scale
     assert torch.allclose(gx, dense_gx, atol=1e-10)
     Ud, Sd, Vd = U.detach(), S.detach(), V.detach()
-    if integrated:
+    if not bases:  # an S-only step: U and V get zeros
+        expected = (torch.zeros_like(Ud), Ud.T @ G @ Vd, torch.zeros_like(Vd))
+    elif integrated:
         expected = (G @ Vd, Ud.T @ G @ Vd, G.T @ Ud)
     else:
         expected = (G @ Vd @ Sd.T, Ud.T @ G @ Vd, G.T @ Ud @ Sd)

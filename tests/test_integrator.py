@@ -23,8 +23,9 @@ def _tangent_projection(U: torch.Tensor, V: torch.Tensor, G: torch.Tensor) -> to
     return PU @ G + G @ PV - PU @ G @ PV
 
 
-@pytest.mark.parametrize("integrated", [True, False])
-def test_factor_gradients_match_dense(integrated: bool) -> None:
+@pytest.mark.parametrize("integrated, bases", [(True, True), (False, True), (True, False)])
+def test_factor_gradients_match_dense(integrated: bool, bases: bool) -> None:
+    """K-, L- and S-gradients (allocator), Euclidean ones (no allocator), or only S's (an S-only step: zeros)."""
     m, n, r, s = 7, 5, 3, 0.7
     torch.manual_seed(0)
     U, V = _orthonormal(m, r, seed=1), _orthonormal(n, r, seed=2)
@@ -39,13 +40,15 @@ def test_factor_gradients_match_dense(integrated: bool) -> None:
     G = W.grad  # ∂loss/∂W, includes s
 
     Uf, Sf, Vf, xf = (t.clone().requires_grad_(True) for t in (U, S, V, x))
-    y = I.GeoLoraFunction.apply(xf, Uf, Sf, Vf, s, integrated)
+    y = I.GeoLoraFunction.apply(xf, Uf, Sf, Vf, s, integrated, bases)
     (y * weights).sum().backward()
 
     torch.testing.assert_close(y, s * x @ (U @ S @ V.T).T, atol=1e-12, rtol=0)
     torch.testing.assert_close(xf.grad, xd.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(Sf.grad, U.T @ G @ V, atol=1e-10, rtol=0)
-    if integrated:  # the K- and L-gradients
+    if not bases:  # nothing read on an S-only step: zeros, not computed
+        assert torch.equal(Uf.grad, torch.zeros_like(U)) and torch.equal(Vf.grad, torch.zeros_like(V))
+    elif integrated:  # the K- and L-gradients
         torch.testing.assert_close(Uf.grad, G @ V, atol=1e-10, rtol=0)
         torch.testing.assert_close(Vf.grad, G.T @ U, atol=1e-10, rtol=0)
     else:  # the Euclidean gradients of U S Vᵀ

@@ -163,6 +163,7 @@ CHANGE_RULES = {
     "optimizer_c7": {"step_rule": "optimizer", "cycle_length": 7},
     "optimizer_c15": {"step_rule": "optimizer", "cycle_length": 15},
     "optimizer_alpha8": {"step_rule": "optimizer", "lora_alpha": 8.0},
+    "optimizer_aug": {"step_rule": "optimizer", "basis_steps": "augment"},
 }
 
 
@@ -182,6 +183,7 @@ CHANGE_RULES = {
         ("optimizer_c7", 3e-2, 100),
         ("optimizer_c15", 3e-2, 100),
         ("optimizer_alpha8", 1e-2, 100),
+        ("optimizer_aug", 3e-2, 100),
     ],
 )
 @pytest.mark.parametrize("direction", ["rises", "falls"])

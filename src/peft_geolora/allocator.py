@@ -67,6 +67,7 @@ ALLOCATOR_OPTIONS = (
     "growth_tol",
     "moment_init",
     "balance_bases",
+    "basis_steps",
 )
 
 
@@ -254,10 +255,11 @@ class RankAllocator:
             (event[0] for a in self.adapters for event in a.layer.rank_history.get(a.adapter, [])), default=0
         )
         self._warned: set[str] = set()
-        # step_rule="optimizer": factors (and, for a non-finite step, optimizer state) before optimizer.step()
-        self._snapshot: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]] = None
-        self._basis_buffers: Optional[list[torch.Tensor]] = None  # U₁, V₁, U₂, … before the step (reused)
-        self._state_snapshot: Optional[dict[int, dict[str, Any]]] = None
+        # step_rule="optimizer": U₁, V₁, U₂, … before an optimizer step that moves the bases (buffers reused), and
+        # whether this step's are in them; whether the step's adapter gradients were not finite (taken away)
+        self._basis_buffers: Optional[list[torch.Tensor]] = None
+        self._bases_saved = False
+        self._skipped = False
         # step_rule="coefficient": the gradients taken from the factors, and the hyperparameters of the step
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
         self._hyper: dict[int, StepHyperparameters] = {}
@@ -294,6 +296,7 @@ class RankAllocator:
         self._hook = self.optimizer.register_step_pre_hook(hook)
         for a in self.adapters:
             a.layer.integrated[a.adapter] = True
+        self._announce_next_step()
         base_model = getattr(peft_model, "base_model", peft_model)
         base_model.__dict__["_geolora_allocator"] = self
 
@@ -416,13 +419,30 @@ class RankAllocator:
 
     @torch.no_grad()
     def _snapshot_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer rule: snapshot the factors; if an adapter gradient is not finite, the optimizer state too."""
-        finite = self._all_finite(p.grad for p in self._factor_params())
-        if finite and self.config.moment_init == "prior":
+        """Optimizer rule: save the bases the optimizer is about to move, or keep the optimizer off the factors.
+
+        A step with a non-finite adapter gradient takes all the factors' gradients away, so the optimizer leaves
+        the factors and their state exactly as they were (torch optimizers skip a parameter whose grad is None).
+        With ``basis_steps="augment"``, an S-only step of a cycle takes the bases' gradients away (zeros: the
+        backward did not compute them), so the optimizer steps S alone and nothing needs saving or undoing.
+        """
+        self._pending = True
+        self._skipped = not self._all_finite(p.grad for p in self._factor_params())
+        self._bases_saved = False
+        if self._skipped:
+            for p in self._factor_params():
+                p.grad = None
+            return
+        if not self._steps_bases():
+            for a in self.adapters:
+                U, _, V = a.parameters()
+                U.grad = V.grad = None
+        if self.config.moment_init == "prior":
             for a in self.adapters:
                 optimizer_state.seed_fresh_state(self.optimizer, *a.parameters(), a.rank)
-        # U and V are needed by every step (augmentation reads the proposed moves, S-only steps undo them); S only
-        # when the step is undone.
+        if not self._steps_bases():
+            return
+        # U and V are read by an augmentation (the proposed moves) and restored after an S-only step
         bases = [p for a in self.adapters for p in (a.U, a.V)]
         buffers = self._basis_buffers
         if buffers is None or any(
@@ -430,18 +450,20 @@ class RankAllocator:
         ):  # first step, or the model was moved or cast since
             self._basis_buffers = [torch.empty_like(p) for p in bases]
         optimizer_state.copy_all(self._basis_buffers, bases)
-        self._snapshot = [
-            (self._basis_buffers[2 * i], None if finite else a.S.detach().clone(), self._basis_buffers[2 * i + 1])
-            for i, a in enumerate(self.adapters)
-        ]
-        self._state_snapshot = None
-        if not finite:
-            self._state_snapshot = {
-                id(p): copy.deepcopy(self.optimizer.state[p])
-                for p in self._factor_params()
-                if p in self.optimizer.state
-            }
-        self._pending = True
+        self._bases_saved = True
+
+    def _steps_bases(self) -> bool:
+        """Whether the coming optimizer step reads the bases' (K- and L-) gradients: always at a cycle's first step
+        (the augmentation), and at every step under the optimizer rule with ``basis_steps="every"``."""
+        if self.config.step_rule == "optimizer" and self.config.basis_steps == "every":
+            return True
+        return (self.num_steps - self._cycle_origin) % (self._cycle_length() + 1) == 0
+
+    def _announce_next_step(self) -> None:
+        """Tell the layers whether the coming backward must compute the bases' gradients (see :meth:`_steps_bases`)."""
+        bases = self._steps_bases()
+        for a in self.adapters:
+            a.layer.basis_gradients[a.adapter] = bases
 
     def _warn_if_step_missed(self) -> None:
         if self._pending:
@@ -470,6 +492,10 @@ class RankAllocator:
         """Advance every adapter after a real optimizer step (a no-op if the optimizer did not step)."""
         if not self._pending:
             return
+        self._advance()
+        self._announce_next_step()
+
+    def _advance(self) -> None:
         self._pending = False
         self.num_steps += 1
         position = (self.num_steps - 1 - self._cycle_origin) % (self._cycle_length() + 1)
@@ -491,16 +517,16 @@ class RankAllocator:
                 self._truncate_in_place()
             self._grads = None
         else:
-            if self._state_snapshot is not None:
-                self._undo_step()
+            if self._skipped:
+                self._warn_nonfinite()
                 return
             if augment:
                 self._augment_from_optimizer(truncate=truncate)
             else:
-                self._restore_bases()
+                if self._bases_saved:
+                    self._restore_bases()
                 if truncate:
                     self._truncate_in_place()
-            self._snapshot = None
         self._publish()
 
     def _gather(self) -> None:
@@ -544,6 +570,7 @@ class RankAllocator:
         self._truncate_in_place()
         self._publish()
         self._cycle_origin = self.num_steps
+        self._announce_next_step()
 
     def _ranks_may_change(self) -> bool:
         t = self.num_steps
@@ -627,20 +654,6 @@ class RankAllocator:
         return S, M, v
 
     # ------------------------------------------------------------------ optimizer rule (0.1.0)
-    def _undo_step(self) -> None:
-        for a, (U, S, V) in zip(self.adapters, self._snapshot):
-            a.U.copy_(U)
-            a.S.copy_(S)
-            a.V.copy_(V)
-        for p in self._factor_params():
-            if id(p) in self._state_snapshot:
-                self.optimizer.state[p] = self._state_snapshot[id(p)]
-            else:
-                self.optimizer.state.pop(p, None)
-        self._state_snapshot = None
-        self._snapshot = None
-        self._warn_nonfinite()
-
     def _restore_bases(self) -> None:
         """S-only step of the cycle schedule: undo the optimizer's moves of U and V."""
         optimizer_state.copy_all([p for a in self.adapters for p in (a.U, a.V)], self._basis_buffers)
@@ -651,8 +664,8 @@ class RankAllocator:
         self._base_ranks = {i: a.rank for i, a in enumerate(self.adapters)}
         for (m, n, r, capacity, dtype, _, _), members in self._groups().items():
             cd = integrator.compute_dtype(dtype)
-            U0 = torch.stack([self._snapshot[i][0][:, :r] for i in members]).to(cd)  # (B, m, r)
-            V0 = torch.stack([self._snapshot[i][2][:, :r] for i in members]).to(cd)  # (B, n, r)
+            U0 = torch.stack([self._basis_buffers[2 * i][:, :r] for i in members]).to(cd)  # (B, m, r)
+            V0 = torch.stack([self._basis_buffers[2 * i + 1][:, :r] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self._stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             if self.config.balance_bases:
@@ -938,6 +951,7 @@ class RankAllocator:
         self._num_truncations = step // (self._cycle_length() + 1)
         if self._coefficients is not None:
             self._coefficients.num_steps = step
+        self._announce_next_step()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_rule = state.get("step_rule", "optimizer")
@@ -962,9 +976,11 @@ class RankAllocator:
             tensors = state["coefficient"]["tensors"]
             for a, S0 in zip(self.adapters, self._cycle_start):
                 S0.copy_(tensors[f"{a.name}.cycle_start"])
+        self._announce_next_step()
 
     def remove(self) -> None:
         """Detach from the optimizer and the layers (they go back to plain gradients)."""
         self._hook.remove()
         for a in self.adapters:
             a.layer.integrated[a.adapter] = False
+            a.layer.basis_gradients[a.adapter] = True

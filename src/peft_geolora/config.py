@@ -173,6 +173,17 @@ class GeoLoraConfig(PeftConfig):
             "weight than S's own step (at high learning rates, mostly noise). SGD steps are left exact."
         },
     )
+    basis_steps: Literal["every", "augment"] = field(
+        default="every",
+        metadata={
+            "help": "step_rule='optimizer' with schedule='cycle': 'every': the optimizer steps U and V at every step "
+            "(their moments see every gradient; on the steps where only S trains the allocator undoes the moves); "
+            "'augment': only at the first step of each cycle, where their moves become the new directions, so on "
+            "the other steps the backward skips the U- and V-gradients and neither the optimizer nor the allocator "
+            "touches the bases. The coefficient and split rules always skip them there (they read them only at "
+            "augmentation)."
+        },
+    )
     warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
     )
@@ -261,6 +272,7 @@ class GeoLoraConfig(PeftConfig):
             "moment_init", self.moment_init, "'zero', 'mean' or 'prior'", self.moment_init in ("zero", "mean", "prior")
         )
         _check_range("balance_bases", self.balance_bases, "True or False", isinstance(self.balance_bases, bool))
+        _check_range("basis_steps", self.basis_steps, "'every' or 'augment'", self.basis_steps in ("every", "augment"))
         if self.growth_tol is not None:
             _check_range(
                 "growth_tol",

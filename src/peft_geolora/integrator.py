@@ -415,13 +415,23 @@ class GeoLoraFunction(torch.autograd.Function):
     When ``integrated`` is False (no allocator: a fixed-rank adapter trained by plain gradient descent) the
     Euclidean gradients ``G V Sᵀ`` and ``Gᵀ U S`` are returned instead, one r × r product more.
 
+    When ``bases`` is False (a step of the cycle schedule on which only S trains: the allocator reads no U- or
+    V-gradient there) the grads of U and V are zeros and their two m × r and n × r products are skipped.
+
     The cost is LoRA's (products with ``x V`` and ``δ U`` only), and no ``S⁻¹`` appears anywhere. Autocast is
     disabled inside: the adapter runs in the dtype of its inputs (the layer casts ``x`` to the adapter dtype).
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float, integrated: bool
+        ctx,
+        x: torch.Tensor,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        V: torch.Tensor,
+        scale: float,
+        integrated: bool,
+        bases: bool,
     ):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xv = x @ V  # (..., r)
@@ -430,6 +440,7 @@ class GeoLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, U, S, V, xv)
         ctx.scale = scale
         ctx.integrated = integrated
+        ctx.bases = bases or not integrated
         return y
 
     @staticmethod
@@ -440,19 +451,21 @@ class GeoLoraFunction(torch.autograd.Function):
             dy = dy.to(U.dtype)
             du = dy @ U  # (..., r): Uᵀ δ per sample
             grad_x = (du @ (S * s)) @ V.transpose(0, 1) if ctx.needs_input_grad[0] else None  # (..., n)
-            X = x.reshape(-1, x.shape[-1])  # (B, n)
             XV = xv.reshape(-1, xv.shape[-1])  # (B, r)
-            D = dy.reshape(-1, dy.shape[-1])  # (B, m)
             DU = du.reshape(-1, du.shape[-1])  # (B, r)
+            grad_S = (DU.transpose(0, 1) @ XV) * s  # (r, r) = Uᵀ G V
+            if not ctx.bases:
+                return grad_x, torch.zeros_like(U), grad_S, torch.zeros_like(V), None, None, None
+            X = x.reshape(-1, x.shape[-1])  # (B, n)
+            D = dy.reshape(-1, dy.shape[-1])  # (B, m)
             # (r × B) @ (B × m) then transposed: the same product as Dᵀ XV, two to three times faster on CPU BLAS
             # than a (m × B) @ (B × r) product with a wide transposed left operand
             grad_U = (XV.transpose(0, 1) @ D).transpose(0, 1) * s  # (m, r) = G V
             grad_V = (DU.transpose(0, 1) @ X).transpose(0, 1) * s  # (n, r) = Gᵀ U
-            grad_S = (DU.transpose(0, 1) @ XV) * s  # (r, r) = Uᵀ G V
             if not ctx.integrated:
                 grad_U = grad_U @ S.transpose(0, 1)  # (m, r) = G V Sᵀ
                 grad_V = grad_V @ S  # (n, r) = Gᵀ U S
-        return grad_x, grad_U, grad_S, grad_V, None, None
+        return grad_x, grad_U, grad_S, grad_V, None, None, None
 
 
 class GeoLoraConvFunction(torch.autograd.Function):
@@ -467,7 +480,8 @@ class GeoLoraConvFunction(torch.autograd.Function):
     Backward, with δ = ∂loss/∂y, ``G = s Σ δ patchᵀ`` (m × n, summed over batch and positions) and ``u = Uᵀ δ``:
     grad of x through the two convolutions; grad of ``U`` = ``G V = s Σ δ zᵀ`` (the K-gradient); grad of ``V`` =
     ``Gᵀ U = s Σ patch uᵀ`` (the L-gradient, by the convolution's weight gradient); grad of ``S`` =
-    ``Uᵀ G V = s Σ u zᵀ``; with ``integrated`` False, the Euclidean ``G V Sᵀ`` and ``Gᵀ U S`` instead.
+    ``Uᵀ G V = s Σ u zᵀ``; with ``integrated`` False, the Euclidean ``G V Sᵀ`` and ``Gᵀ U S`` instead; with
+    ``bases`` False (an S-only step), zeros for ``U`` and ``V`` without their products.
     """
 
     @staticmethod
@@ -479,6 +493,7 @@ class GeoLoraConvFunction(torch.autograd.Function):
         V: torch.Tensor,
         scale: float,
         integrated: bool,
+        bases: bool,
         kernel: tuple[int, int, int],
         stride: tuple[int, int],
         padding: Any,
@@ -490,7 +505,7 @@ class GeoLoraConvFunction(torch.autograd.Function):
             z = torch.nn.functional.conv2d(x, V_hat, stride=stride, padding=padding, dilation=dilation)
             y = torch.einsum("mr,brhw->bmhw", U @ (S * scale), z)  # the scale on the small factor
         ctx.save_for_backward(x, U, S, V, z)
-        ctx.scale, ctx.integrated, ctx.kernel = scale, integrated, kernel
+        ctx.scale, ctx.integrated, ctx.bases, ctx.kernel = scale, integrated, bases or not integrated, kernel
         ctx.conv = {"stride": stride, "padding": padding, "dilation": dilation}
         return y
 
@@ -506,11 +521,13 @@ class GeoLoraConvFunction(torch.autograd.Function):
                 V_hat = V.transpose(0, 1).reshape(r, *ctx.kernel)
                 dz = torch.einsum("brhw,rq->bqhw", u, S * s)  # ∂loss/∂z = s Sᵀ Uᵀ δ
                 grad_x = torch.nn.grad.conv2d_input(x.shape, V_hat, dz, **ctx.conv)
-            grad_U = torch.einsum("bmhw,brhw->mr", dy, z) * s  # G V
             grad_S = torch.einsum("brhw,bqhw->rq", u, z) * s  # Uᵀ G V
+            if not ctx.bases:
+                return grad_x, torch.zeros_like(U), grad_S, torch.zeros_like(V), *([None] * 7)
+            grad_U = torch.einsum("bmhw,brhw->mr", dy, z) * s  # G V
             weight_grad = torch.nn.grad.conv2d_weight(x, (r, *ctx.kernel), u, **ctx.conv)  # Σ u ⊗ patch
             grad_V = weight_grad.reshape(r, -1).transpose(0, 1) * s  # Gᵀ U
             if not ctx.integrated:
                 grad_U = grad_U @ S.transpose(0, 1)
                 grad_V = grad_V @ S
-        return grad_x, grad_U, grad_S, grad_V, None, None, None, None, None, None
+        return grad_x, grad_U, grad_S, grad_V, *([None] * 7)

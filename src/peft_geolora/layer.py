@@ -47,6 +47,7 @@ class GeoLoraLayer(BaseTunerLayer):
         "_seen_version",
         "_unallocated_steps",
         "integrated",
+        "basis_gradients",
         "expected_rank",
     )
 
@@ -64,6 +65,9 @@ class GeoLoraLayer(BaseTunerLayer):
         # True while a RankAllocator drives the adapter: the backward then exposes the K/L-gradients
         # (GeoLoraFunction); otherwise the adapter is a fixed-rank U S Vᵀ trained by plain gradients.
         self.integrated: dict[str, bool] = {}
+        # False on the steps of a cycle where only S trains (set by the allocator before each step): the backward
+        # then skips the U- and V-gradients, which nothing reads there
+        self.basis_gradients: dict[str, bool] = {}
         # rank recorded in the adapter_config.json this adapter was built from; checked on the first load
         self.expected_rank: dict[str, Optional[int]] = {}
         self._seen_version: dict[str, int] = {}
@@ -307,12 +311,18 @@ class Linear(nn.Module, GeoLoraLayer):
                     self._check_allocator_runs(name)
                 U, S, V = self.active_factors(name)
             x_in = self.geolora_dropout[name](self._cast_input_dtype(x, U.dtype))
-            result = result + self._adapter_output(name, x_in, U, S, V).to(result_dtype)
+            # compiled: always the basis gradients (reading the flag would recompile when it flips; the allocator
+            # discards them on the S-only steps either way)
+            bases = compiling or self.basis_gradients.get(name, True)
+            result = result + self._adapter_output(name, x_in, U, S, V, bases).to(result_dtype)
         return result.to(result_dtype)
 
-    def _adapter_output(self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
-        """``s · U S Vᵀ x`` through the integrator's autograd function (the K-, L- and S-gradients)."""
-        return GeoLoraFunction.apply(x, U, S, V, self.scaling[name], self.integrated.get(name, False))
+    def _adapter_output(
+        self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bases: bool
+    ) -> torch.Tensor:
+        """``s · U S Vᵀ x`` through the integrator's autograd function (the K-, L- and S-gradients; ``bases``
+        False: the S-gradient only)."""
+        return GeoLoraFunction.apply(x, U, S, V, self.scaling[name], self.integrated.get(name, False), bases)
 
     def __repr__(self) -> str:
         return "geolora." + super().__repr__()
@@ -333,10 +343,12 @@ class Conv2d(Linear):
         delta = super().get_delta_weight(adapter_name)  # (m, n)
         return delta.reshape(base.weight.shape)
 
-    def _adapter_output(self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
+    def _adapter_output(
+        self, name: str, x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bases: bool
+    ) -> torch.Tensor:
         base = self.get_base_layer()
         kernel = (base.in_channels, *base.kernel_size)
         return GeoLoraConvFunction.apply(
-            x, U, S, V, self.scaling[name], self.integrated.get(name, False), kernel, base.stride, base.padding,
+            x, U, S, V, self.scaling[name], self.integrated.get(name, False), bases, kernel, base.stride, base.padding,
             base.dilation,
         )  # fmt: skip
