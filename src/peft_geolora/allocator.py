@@ -10,17 +10,21 @@ Step rules (``step_rule``):
   skips ``U``, ``S``, ``V`` and keeps no state for them) and :meth:`RankAllocator.step` steps the augmented
   coefficient matrix with the optimizer's current hyperparameters (:mod:`peft_geolora.coefficient_optimizer`).
 * ``"optimizer"`` (the default, and 0.1.0's rule): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
-  and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`).
+  and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`). With
+  ``basis_steps="augment"`` the optimizer steps ``U`` and ``V`` only at a cycle's first step.
 * ``"split"`` (the authors' experiments): the pre-step hook takes the gradients of ``U`` and ``V`` only, the user's
   optimizer steps ``S``, and the new directions come from a plain gradient step ``−λ G V``, ``−λ Gᵀ U`` with the
   learning rate of ``S``'s parameter group; ``S``'s optimizer state is carried like the optimizer rule's.
 
-Schedules (``schedule``, ``cycle_length`` = c): the optimizer steps are grouped in cycles of c + 1. At the first
-step of a cycle the bases are augmented with the new directions of the gradient; at the other steps only the
-coefficients train on the augmented basis; at the last step of a cycle the augmented adapter is truncated.
-``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1). :meth:`RankAllocator.finish`
-closes an open cycle early (truncates now) and the next step starts a new one; the Trainer callback does this
-before every evaluation and checkpoint, so they only ever see kept adapters.
+Schedules (``schedule``, ``cycle_length`` = c; :mod:`peft_geolora.schedule`): the optimizer steps are grouped in
+cycles of c + 1. At the first step of a cycle the bases are augmented with the new directions of the gradient; at
+the other steps only the coefficients train on the augmented basis; at the last step of a cycle the augmented
+adapter is truncated. ``schedule="step"`` is c = 0: augment and truncate at every step (the paper's Algorithm 1).
+Before each step the allocator tells the layers whether its backward must compute the bases' (K- and L-)
+gradients: only at a cycle's first step, unless the optimizer rule steps the bases at every step
+(``basis_steps="every"``, its default). :meth:`RankAllocator.finish` closes an open cycle early (truncates now) and
+the next step starts a new one; the Trainer callback does this before every evaluation and checkpoint, so they
+only ever see kept adapters.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from .coefficient_optimizer import (
 from .config import GeoLoraConfig
 from .distributed import broadcast_ints, broadcast_tensors, is_distributed, peer_failure_message
 from .layer import GeoLoraLayer
+from .schedule import CycleSchedule
 
 
 # At the first truncation and then every this many, the augmented bases are re-orthonormalised (QR, folded into S):
@@ -244,12 +249,11 @@ class RankAllocator:
         self.optimizer = _unwrap_optimizer(optimizer)
         self._check_optimizer_covers_factors()
 
-        self.num_steps = 0
+        self.schedule = CycleSchedule.from_config(self.config)
         self._num_truncations = 0
         self._pending = False
         self._base_ranks: dict[int, int] = {}  # ranks before the last augmentation (kept while ranks are fixed)
         self._open_cycle = False  # augmented, not yet truncated
-        self._cycle_origin = 0  # the step count after which the current run of cycles began (moved by finish())
         # a continued run (adapter loaded with its rank history) records its changes after the earlier run's
         self._history_offset = max(
             (event[0] for a in self.adapters for event in a.layer.rank_history.get(a.adapter, [])), default=0
@@ -299,6 +303,15 @@ class RankAllocator:
         self._announce_next_step()
         base_model = getattr(peft_model, "base_model", peft_model)
         base_model.__dict__["_geolora_allocator"] = self
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps the allocator has followed (see :class:`~peft_geolora.schedule.CycleSchedule`)."""
+        return self.schedule.num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self.schedule.num_steps = value
 
     @property
     def uses_coefficient_step(self) -> bool:
@@ -457,7 +470,7 @@ class RankAllocator:
         (the augmentation), and at every step under the optimizer rule with ``basis_steps="every"``."""
         if self.config.step_rule == "optimizer" and self.config.basis_steps == "every":
             return True
-        return (self.num_steps - self._cycle_origin) % (self._cycle_length() + 1) == 0
+        return self.schedule.next_augments()
 
     def _announce_next_step(self) -> None:
         """Tell the layers whether the coming backward must compute the bases' gradients (see :meth:`_steps_bases`)."""
@@ -496,10 +509,9 @@ class RankAllocator:
         self._announce_next_step()
 
     def _advance(self) -> None:
+        """The step proper: augment, train S, or truncate, by the step's position in its cycle and the rule."""
         self._pending = False
-        self.num_steps += 1
-        position = (self.num_steps - 1 - self._cycle_origin) % (self._cycle_length() + 1)
-        augment, truncate = position == 0, position == self._cycle_length()
+        augment, truncate = self.schedule.advance()
         if self.uses_coefficient_step:
             if self._grads is None:
                 self._warn_nonfinite()
@@ -550,9 +562,6 @@ class RankAllocator:
                 a.whole = None
             a.layer.mark_allocated(a.adapter)
 
-    def _cycle_length(self) -> int:
-        return self.config.cycle_length if self.config.schedule == "cycle" else 0
-
     def is_augmented(self) -> bool:
         """True between an augmentation and its truncation (cycle schedule): the adapters hold new directions."""
         return self._open_cycle
@@ -569,12 +578,8 @@ class RankAllocator:
         self._gather()
         self._truncate_in_place()
         self._publish()
-        self._cycle_origin = self.num_steps
+        self.schedule.restart()
         self._announce_next_step()
-
-    def _ranks_may_change(self) -> bool:
-        t = self.num_steps
-        return t > self.config.warmup_steps and (self.config.freeze_step is None or t <= self.config.freeze_step)
 
     def _groups(self) -> dict[tuple, list[int]]:
         """Adapters that can be batched together: equal shapes, rank, capacity, dtype, device and param group."""
@@ -793,7 +798,7 @@ class RankAllocator:
         """New rank of every adapter: unchanged (warm-up, frozen), the tau rule (with growth), or the budget."""
         cfg = self.config
         ranks: dict[int, int] = {}
-        if not self._ranks_may_change():
+        if not self.schedule.ranks_may_change():
             for item in pending:
                 for i in item.members:
                     ranks[i] = self._base_ranks.get(i, self.adapters[i].rank)
@@ -928,7 +933,7 @@ class RankAllocator:
             "num_truncations": self._num_truncations,
             "base_ranks": [self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)],
             "open_cycle": self._open_cycle,
-            "cycle_origin": self._cycle_origin,
+            "cycle_origin": self.schedule.origin,
             "history_offset": self._history_offset,
             "rank_history": {k: [list(e) for e in v] for k, v in self.rank_history().items()},
             "step_rule": self.config.step_rule,
@@ -948,7 +953,7 @@ class RankAllocator:
         With the coefficient rule the moments then restart from zero, so the run continues, but not exactly.
         """
         self.num_steps = step
-        self._num_truncations = step // (self._cycle_length() + 1)
+        self._num_truncations = step // (self.schedule.cycle_length + 1)
         if self._coefficients is not None:
             self._coefficients.num_steps = step
         self._announce_next_step()
@@ -965,7 +970,7 @@ class RankAllocator:
         self._num_truncations = int(state.get("num_truncations", 0))
         self._base_ranks = dict(enumerate(state.get("base_ranks", [])))
         self._open_cycle = bool(state.get("open_cycle", False))
-        self._cycle_origin = int(state.get("cycle_origin", 0))
+        self.schedule.origin = int(state.get("cycle_origin", 0))
         self._history_offset = int(state.get("history_offset", 0))
         history = state.get("rank_history", {})
         for a in self.adapters:
