@@ -146,8 +146,18 @@ DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, those that aim at
 # the spread, the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the
-# gradient's size) and the setting the README recommends for LoRA users' learning rates (lora_alpha=8)
-INIT_RANK_VARIANTS = (DEFAULT_VARIANT, "optimizer_prior_growth", "coefficient", "optimizer_mean_growth_alpha8")
+# gradient's size), the setting the README recommends for LoRA users' learning rates (lora_alpha=8) and the cheapest
+# step of the default rule (basis_steps="augment")
+INIT_RANK_VARIANTS = (
+    DEFAULT_VARIANT,
+    "optimizer_prior_growth",
+    "coefficient",
+    "optimizer_mean_growth_alpha8",
+    "optimizer_mean_growth_aug",
+)
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, and the default rule with the
+# bases stepped only at augmentations (the cheapest step, and the one whose size depends least on r0)
+TEST_VARIANTS = (DEFAULT_VARIANT, "optimizer_mean_growth_aug")
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -236,10 +246,12 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
             for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
                 for task in OFFLINE_TASKS:
-                    if method == "geolora":
-                        yield Run("test", task, method, lrs[method], seed, DEFAULT_VARIANT, GEOLORA_DEFAULTS)
-                    else:
+                    if method != "geolora":
                         yield Run("test", task, method, lrs[method], seed)
+                        continue
+                    for variant in TEST_VARIANTS:  # the default at the suite's lr, others at their own best
+                        lr = lrs[method] if variant == DEFAULT_VARIANT else variant_lr(variant, results) or lrs[method]
+                        yield Run("test", task, method, lr, seed, variant, tuple(ABLATION[variant]))
     elif phase == "init_rank":
         lr = chosen_lrs(results).get("geolora")
         if lr is None:
