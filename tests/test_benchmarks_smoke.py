@@ -117,16 +117,23 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
 
 
-def test_suite_measures_each_initial_rank_variant_at_its_own_best_lr(tmp_path) -> None:
+def _ablation_grid(tmp_path, variant: str, best: int) -> None:
+    """A variant's ablation runs over GeoLoRA's lr grid, the best at index ``best``."""
     import suite
 
-    variant, grid = "optimizer_mean_growth_alpha8", suite.LR_GRID["geolora"]
-    for i, lr in enumerate(grid):
+    for i, lr in enumerate(suite.LR_GRID["geolora"]):
         for task in suite.LR_TASKS:
             run = suite.Run("ablation", task, "geolora", lr, 0, variant)
             run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
-            record = {"task": task, "metrics": {"validation": {"accuracy": 0.5 + 0.1 * (i == 2)}}}
+            record = {"task": task, "metrics": {"validation": {"accuracy": 0.5 + 0.1 * (i == best)}}}
             run.path(tmp_path).write_text(json.dumps(record))
+
+
+def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tmp_path) -> None:
+    import suite
+
+    variant, grid = "optimizer_mean_growth_alpha8", suite.LR_GRID["geolora"]
+    _ablation_grid(tmp_path, variant, best=2)
     for i, lr in enumerate(grid):  # GeoLoRA's own grid: the chosen lr is the second
         for task in suite.LR_TASKS:
             run = suite.lr_run(task, "geolora", lr)
@@ -136,6 +143,10 @@ def test_suite_measures_each_initial_rank_variant_at_its_own_best_lr(tmp_path) -
     lrs = {run.variant.rsplit("_r", 1)[0]: run.lr for run in suite.planned_runs("init_rank", tmp_path)}
     assert lrs[variant] == grid[2] and lrs[suite.DEFAULT_VARIANT] == grid[1]
     assert lrs["coefficient"] == grid[1]  # no complete grid of its own: GeoLoRA's chosen lr
+    aug = "optimizer_mean_growth_aug"
+    _ablation_grid(tmp_path, aug, best=3)
+    test_lrs = {(run.variant, run.lr) for run in suite.planned_runs("test", tmp_path) if run.method == "geolora"}
+    assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), (aug, grid[3])}
     suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
     assert suite.variant_lr(variant, tmp_path) is None
 
