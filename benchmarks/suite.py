@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -232,6 +232,12 @@ def variant_lr(variant: str, results: Path) -> Optional[float]:
     return max(by_lr, key=by_lr.get) if len(by_lr) == len(LR_GRID["geolora"]) else None
 
 
+def variant_lrs(variants: Iterable[str], suite_lr: float, results: Path) -> dict[str, float]:
+    """The lr of each GeoLoRA variant in the test and initial-rank phases: the suite's chosen lr for the default, a
+    variant's own best (:func:`variant_lr`) for the others, or the suite's until their ablation grid is complete."""
+    return {v: suite_lr if v == DEFAULT_VARIANT else variant_lr(v, results) or suite_lr for v in variants}
+
+
 def planned_runs(phase: str, results: Path) -> Iterator[Run]:
     if phase == "lr":
         for method in METHODS:
@@ -243,26 +249,25 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         missing = [m for m in METHODS if m not in lrs]
         if missing:
             print(f"test phase: no lr chosen yet for {missing} (run --phase lr first); skipping them", flush=True)
+        geolora_lrs = variant_lrs(TEST_VARIANTS, lrs["geolora"], results) if "geolora" in lrs else {}
         for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
             for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
                 for task in OFFLINE_TASKS:
                     if method != "geolora":
                         yield Run("test", task, method, lrs[method], seed)
                         continue
-                    for variant in TEST_VARIANTS:  # the default at the suite's lr, others at their own best
-                        lr = lrs[method] if variant == DEFAULT_VARIANT else variant_lr(variant, results) or lrs[method]
+                    for variant, lr in geolora_lrs.items():
                         yield Run("test", task, method, lr, seed, variant, tuple(ABLATION[variant]))
     elif phase == "init_rank":
         lr = chosen_lrs(results).get("geolora")
         if lr is None:
             print("init_rank phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
             return
-        for variant in INIT_RANK_VARIANTS:
-            own = variant_lr(variant, results) if variant != DEFAULT_VARIANT else lr  # e.g. lora_alpha=8: 2e-3
+        for variant, own in variant_lrs(INIT_RANK_VARIANTS, lr, results).items():  # e.g. lora_alpha=8: 2e-3
             for task in INIT_RANK_TASKS:
                 for r0 in INIT_RANKS:
                     overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
-                    yield Run("init_rank", task, "geolora", own or lr, 0, f"{variant}_r{r0}", overrides)
+                    yield Run("init_rank", task, "geolora", own, 0, f"{variant}_r{r0}", overrides)
     elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
         for method in METHODS:
             for task in OFFLINE_TASKS:

@@ -260,9 +260,8 @@ class RankAllocator:
         )
         self._warned: set[str] = set()
         # step_rule="optimizer": U₁, V₁, U₂, … before an optimizer step that moves the bases (buffers reused), and
-        # whether this step's are in them; whether the step's adapter gradients were not finite (taken away)
+        # whether the step's adapter gradients were not finite (taken away)
         self._basis_buffers: Optional[list[torch.Tensor]] = None
-        self._bases_saved = False
         self._skipped = False
         # step_rule="coefficient": the gradients taken from the factors, and the hyperparameters of the step
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
@@ -441,19 +440,19 @@ class RankAllocator:
         """
         self._pending = True
         self._skipped = not self._all_finite(p.grad for p in self._factor_params())
-        self._bases_saved = False
         if self._skipped:
             for p in self._factor_params():
                 p.grad = None
             return
-        if not self._steps_bases():
+        steps_bases = self._steps_bases()
+        if not steps_bases:
             for a in self.adapters:
                 U, _, V = a.parameters()
                 U.grad = V.grad = None
         if self.config.moment_init == "prior":
             for a in self.adapters:
                 optimizer_state.seed_fresh_state(self.optimizer, *a.parameters(), a.rank)
-        if not self._steps_bases():
+        if not steps_bases:
             return
         # U and V are read by an augmentation (the proposed moves) and restored after an S-only step
         bases = [p for a in self.adapters for p in (a.U, a.V)]
@@ -463,7 +462,6 @@ class RankAllocator:
         ):  # first step, or the model was moved or cast since
             self._basis_buffers = [torch.empty_like(p) for p in bases]
         optimizer_state.copy_all(self._basis_buffers, bases)
-        self._bases_saved = True
 
     def _steps_bases(self) -> bool:
         """Whether the coming optimizer step reads the bases' (K- and L-) gradients: always at a cycle's first step
@@ -535,7 +533,7 @@ class RankAllocator:
             if augment:
                 self._augment_from_optimizer(truncate=truncate)
             else:
-                if self._bases_saved:
+                if self.config.basis_steps == "every":  # the optimizer moved the bases (saved by the hook): undo
                     self._restore_bases()
                 if truncate:
                     self._truncate_in_place()
