@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import integrator, optimizer_state, sharding
+from . import integrator, optimizer_state, rank_rule, sharding
 from .coefficient_optimizer import (
     CoefficientState,
     StepHyperparameters,
@@ -793,43 +793,17 @@ class RankAllocator:
             self._write_group(item.members, U_new, torch.diag_embed(sigma), V_new, kept)
 
     def _decide_ranks(self, pending: list[_Pending], spectra: list) -> dict[int, int]:
-        """New rank of every adapter: unchanged (warm-up, frozen), the tau rule (with growth), or the budget."""
-        cfg = self.config
-        ranks: dict[int, int] = {}
+        """New rank of every adapter: unchanged while ranks are fixed (warm-up, frozen), else the rank rule
+        (:mod:`peft_geolora.rank_rule`: the tau rule with the growth test, or the global budget)."""
         if not self.schedule.ranks_may_change():
-            for item in pending:
-                for i in item.members:
-                    ranks[i] = self._base_ranks.get(i, self.adapters[i].rank)
-            return ranks
-        if cfg.budget is None:
-            for item, (P, sigma, Q) in zip(pending, spectra):
-                caps = torch.tensor([min(cfg.max_rank, self.adapters[i].capacity) for i in item.members])
-                floors = torch.minimum(torch.full_like(caps, cfg.min_rank), caps)
-                if item.S0 is not None:
-                    dS = item.S - item.S0  # this cycle's step of the coefficients
-                    growth = integrator.growth_along(P, dS, Q)
-                    step_norm = torch.linalg.matrix_norm(dS)
-                    chosen = integrator.protected_truncation_rank(
-                        sigma, growth, step_norm, cfg.tau, cfg.growth_tol, floors, caps, cfg.abs_tol
-                    )
-                else:
-                    chosen = integrator.truncation_rank(sigma, cfg.tau, floors, caps, cfg.abs_tol)
-                ranks.update(zip(item.members, chosen.tolist()))
-            return ranks
-        order, sigmas = [], []
-        for item, (_, sigma, _) in zip(pending, spectra):
-            for b, i in enumerate(item.members):
-                order.append(i)
-                s = sigma[b]
-                sigmas.append(s[s > cfg.abs_tol] if cfg.abs_tol > 0 else s)
-        caps = [min(cfg.max_rank, self.adapters[i].capacity) for i in order]
-        floors = [min(cfg.min_rank, c) for c in caps]
-        costs = None
-        if cfg.budget_unit == "params":
-            costs = [self.adapters[i].U.shape[0] + self.adapters[i].V.shape[0] for i in order]
-        chosen = integrator.global_budget_ranks(sigmas, cfg.budget, floors, caps, costs)
-        ranks.update(zip(order, chosen))
-        return ranks
+            return {i: self._base_ranks.get(i, self.adapters[i].rank) for item in pending for i in item.members}
+        caps = {i: min(self.config.max_rank, a.capacity) for i, a in enumerate(self.adapters)}
+        costs = {i: a.U.shape[0] + a.V.shape[0] for i, a in enumerate(self.adapters)}
+        views = [
+            rank_rule.Spectrum(item.members, item.S, P, sigma, Q, item.S0)
+            for item, (P, sigma, Q) in zip(pending, spectra)
+        ]
+        return rank_rule.kept_ranks(self.config, views, caps, costs)
 
     def _write_group(
         self,
