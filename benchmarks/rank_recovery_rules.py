@@ -44,6 +44,8 @@ VARIANTS = {
     "optimizer_mean_growth_c15": {**DEFAULT_RULE, "cycle_length": 15},
     # the default with the bases stepped only at each cycle's augmentation (the suite's optimizer_mean_growth_aug)
     "optimizer_mean_growth_aug": {**DEFAULT_RULE, "basis_steps": "augment"},
+    # the default with the looser growth test (the suite's optimizer_mean_growth0.1 and, tau aside, _tau0.4 / _tau0.5)
+    "optimizer_mean_growth0.1": {**DEFAULT_RULE, "growth_tol": 0.1},
 }
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/rank_trajectory.py                       # trec6, default settings, r0 = 1, 8, 32
     python benchmarks/rank_trajectory.py --task rt_polarity --r0 1 32
+    python benchmarks/rank_trajectory.py --variant optimizer_mean_growth_aug   # an ablation variant at its own lr
 
 The suite's initial-rank phase (``benchmarks/suite.py --phase init_rank``: MiniLM-L6, 300 steps, the suite's lr for
 GeoLoRA, ``max_rank`` 32) records only the final size. This runs the same training for each r0 and records the
@@ -34,7 +35,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.step([t for t, _ in trajectory], [k for _, k in trajectory], where="post", label=f"r0 = {r0}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("total kept rank (36 adapters)")
-    ax.set_title(f"{data['task']}: GeoLoRA defaults, lr {data['lr']:g}")
+    ax.set_title(f"{data['task']}: {data['variant']}, lr {data['lr']:g}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -44,23 +45,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="trec6", choices=suite.OFFLINE_TASKS)
     parser.add_argument("--r0", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--variant", default=suite.DEFAULT_VARIANT, choices=sorted(suite.ABLATION))
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--out_dir", default=str(suite.ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    lr = suite.chosen_lrs(suite.RESULTS).get("geolora")
-    if lr is None:
+    suite_lr = suite.chosen_lrs(suite.RESULTS).get("geolora")
+    if suite_lr is None:
         raise SystemExit("GeoLoRA's suite lr is not chosen yet: run `benchmarks/suite.py --phase lr` first.")
+    lr = suite.variant_lrs([args.variant], suite_lr, suite.RESULTS)[args.variant]
     data: dict[str, Any] = {
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": machine(),
         "task": args.task,
         "lr": lr,
-        "settings": list(suite.GEOLORA_DEFAULTS),
+        "variant": args.variant,
+        "settings": list(suite.ABLATION[args.variant]),
         "runs": {},
     }
     for r0 in args.r0:
-        overrides = (*suite.GEOLORA_DEFAULTS, f"geolora.r={r0}", "geolora.max_rank=32")
-        run = suite.Run("init_rank", args.task, "geolora", lr, 0, f"{suite.DEFAULT_VARIANT}_r{r0}", overrides)
+        overrides = (*suite.ABLATION[args.variant], f"geolora.r={r0}", "geolora.max_rank=32")
+        run = suite.Run("init_rank", args.task, "geolora", lr, 0, f"{args.variant}_r{r0}", overrides)
         out, command = suite.train(run, args.smoke)
         data["steps"] = out["steps"]
         totals = total_rank_by_step(out)  # [[step, Σ r from that step on], ...]
@@ -75,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"r0 = {r0}: total rank every 20 steps {every_20}", flush=True)
     if not args.smoke:
         out_dir = Path(args.out_dir)
-        (out_dir / f"rank_trajectory_{args.task}.json").write_text(json.dumps(data, indent=2))
-        plot(data, out_dir / f"rank_trajectory_{args.task}.png")
+        name = f"rank_trajectory_{args.task}" + ("" if args.variant == suite.DEFAULT_VARIANT else f"_{args.variant}")
+        (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2))
+        plot(data, out_dir / f"{name}.png")
     return data
 
 

@@ -117,6 +117,14 @@ ABLATION = {
     # their moments see only the gradients whose moves become new directions, and the other steps skip the bases'
     # gradients, snapshot and restore
     "optimizer_mean_growth_aug": _default_rule_with(basis_steps="augment"),
+    # the default with a looser growth test: a direction is kept when its singular value grew by 0.1 (0.05) of the
+    # cycle's step instead of 0.2, so adapters started small can keep growing past a few directions
+    "optimizer_mean_growth0.1": _default_rule_with(growth_tol="0.1"),
+    "optimizer_mean_growth0.05": _default_rule_with(growth_tol="0.05"),
+    "optimizer_mean_growth0.15": _default_rule_with(growth_tol="0.15"),
+    # the looser growth test with a stricter tau rule, which cuts the larger adapters that the growth test lets in
+    "optimizer_mean_growth0.1_tau0.4": _default_rule_with(growth_tol="0.1", tau="0.4"),
+    "optimizer_mean_growth0.1_tau0.5": _default_rule_with(growth_tol="0.1", tau="0.5"),
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
     "optimizer_mean_growth_alpha0.25": _default_rule_with(lora_alpha="0.25"),
@@ -154,10 +162,12 @@ INIT_RANK_VARIANTS = (
     "coefficient",
     "optimizer_mean_growth_alpha8",
     "optimizer_mean_growth_aug",
+    "optimizer_mean_growth0.1_tau0.4",
 )
-# GeoLoRA variants run on the test protocol (every task, every seed): the default, and the default rule with the
-# bases stepped only at augmentations (the cheapest step, and the one whose size depends least on r0)
-TEST_VARIANTS = (DEFAULT_VARIANT, "optimizer_mean_growth_aug")
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, the default rule with the bases
+# stepped only at augmentations (the cheapest step), and the looser growth test with the stricter tau rule (the two
+# whose size depends least on r0)
+TEST_VARIANTS = (DEFAULT_VARIANT, "optimizer_mean_growth_aug", "optimizer_mean_growth0.1_tau0.4")
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),

@@ -180,3 +180,18 @@ def test_rank_trajectory_smoke_runs_each_initial_rank(tmp_path) -> None:
         assert run["total_rank_by_step"][0][1] == 6 * int(r0)  # one encoder layer: six adapted Linear layers
         assert all(a[0] < b[0] for a, b in zip(run["total_rank_by_step"], run["total_rank_by_step"][1:]))
     assert not list(tmp_path.iterdir())  # a smoke run writes nothing
+
+
+@pytest.mark.slow
+def test_rank_trajectory_runs_an_ablation_variant_with_its_settings(tmp_path) -> None:
+    import rank_trajectory
+    import suite
+
+    if suite.chosen_lrs(suite.RESULTS).get("geolora") is None:
+        pytest.skip("the committed suite results choose no GeoLoRA lr")
+    variant = "optimizer_mean_growth_aug"
+    data = rank_trajectory.main(["--smoke", "--variant", variant, "--r0", "2", "--out_dir", str(tmp_path)])
+    assert data["variant"] == variant and data["settings"] == suite.ABLATION[variant]
+    assert "geolora.basis_steps=augment" in data["runs"]["2"]["command"]
+    suite_lr = suite.chosen_lrs(suite.RESULTS)["geolora"]
+    assert data["lr"] == suite.variant_lrs([variant], suite_lr, suite.RESULTS)[variant]
