@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from tests.test_rank_recovery_adam import PROBLEMS, lora_error, low_rank_target, run_geolora  # noqa: E402
 
 
-# the default rule's settings (the suite's optimizer_mean_growth)
+# the optimizer rule as first measured (the suite's optimizer_mean_growth, the default before growth_tol 0.1); the
+# optimizer-rule variants below change one of its settings
 DEFAULT_RULE = {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2}
 # the suite's step-rule variants, without the setting the toy problems fix (tau); the scale is the default unless given
 VARIANTS = {
@@ -44,7 +45,7 @@ VARIANTS = {
     "optimizer_mean_growth_c15": {**DEFAULT_RULE, "cycle_length": 15},
     # the default with the bases stepped only at each cycle's augmentation (the suite's optimizer_mean_growth_aug)
     "optimizer_mean_growth_aug": {**DEFAULT_RULE, "basis_steps": "augment"},
-    # the default with the looser growth test (the suite's optimizer_mean_growth0.1 and, tau aside, _tau0.4 / _tau0.5)
+    # the looser growth test: the package default (the suite's optimizer_mean_growth0.1_tau0.4; tau is fixed here)
     "optimizer_mean_growth0.1": {**DEFAULT_RULE, "growth_tol": 0.1},
 }
 

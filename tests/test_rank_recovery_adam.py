@@ -1,6 +1,7 @@
 """Rank recovery under the optimizers users run (Adam, AdamW), through the whole stack, with the default scale and
-each step rule with the package defaults (``moment_init="mean"``, ``growth_tol=0.2``; with 0.1.0's zero moments
-the ``"optimizer"`` rule ended at relative errors 2e-2 ... 3e-1 here: ``benchmarks/rank_recovery_rules.py``).
+the default step rule with the package defaults (``moment_init="mean"``, ``growth_tol=0.1``; with 0.1.0's zero
+moments the ``"optimizer"`` rule ended at relative errors 2e-2 ... 3e-1 here: ``benchmarks/rank_recovery_rules.py``)
+and the other two rules with the growth test they were measured with (``growth_tol=0.2``).
 
 Each problem fits a fixed low-rank target ``A`` by minimising ``½ ‖W − A‖²_F`` (``W`` is the adapter of a zero base
 layer) for at most 1,000 steps. GeoLoRA must end at the target's rank with a relative error within
@@ -103,15 +104,17 @@ SLOW_AT_SCALE_ONE = pytest.mark.xfail(
 JUST_ABOVE = pytest.mark.xfail(strict=True, reason="split rule: 2.1e-2 where 2.0e-2 is allowed")
 
 
-RULES = {  # the step rules with the package's defaults (moment_init "mean", growth_tol 0.2)
+RULES = {  # the default rule with the package's defaults (moment_init "mean", growth_tol 0.1), the others at 0.2
     "optimizer": {"step_rule": "optimizer"},
-    "coefficient": {"step_rule": "coefficient"},
-    "split": {"step_rule": "split"},
+    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2},
+    "split": {"step_rule": "split", "growth_tol": 0.2},
 }
+# the opt-in settings of the default rule, measured on the previous default's growth test (the suite's variants too)
+PREVIOUS_DEFAULT = {"step_rule": "optimizer", "growth_tol": 0.2}
 
 
 STALLS_FROM_RANK_ONE = pytest.mark.xfail(
-    strict=True, reason="optimizer rule, 64x48 rank 5, lr 1e-2, from rank 1: ends at rank 4 (error 0.14)"
+    strict=True, reason="optimizer rule, 64x48 rank 5, lr 1e-2, from rank 1: rank 5, but errors 2.2e-2 / 2.0e-2"
 )
 
 
@@ -158,18 +161,20 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
 # the rank-change test also runs the optimizer rule with its opt-in balance_bases and moment_init="prior"
 CHANGE_RULES = {
     **RULES,
-    "optimizer_balanced": {"step_rule": "optimizer", "balance_bases": True},
-    "optimizer_prior": {"step_rule": "optimizer", "moment_init": "prior"},
-    "optimizer_c7": {"step_rule": "optimizer", "cycle_length": 7},
-    "optimizer_c15": {"step_rule": "optimizer", "cycle_length": 15},
-    "optimizer_alpha8": {"step_rule": "optimizer", "lora_alpha": 8.0},
-    "optimizer_aug": {"step_rule": "optimizer", "basis_steps": "augment"},
+    "optimizer_previous": PREVIOUS_DEFAULT,
+    "optimizer_balanced": {**PREVIOUS_DEFAULT, "balance_bases": True},
+    "optimizer_prior": {**PREVIOUS_DEFAULT, "moment_init": "prior"},
+    "optimizer_c7": {**PREVIOUS_DEFAULT, "cycle_length": 7},
+    "optimizer_c15": {**PREVIOUS_DEFAULT, "cycle_length": 15},
+    "optimizer_alpha8": {**PREVIOUS_DEFAULT, "lora_alpha": 8.0},
+    "optimizer_aug": {**PREVIOUS_DEFAULT, "basis_steps": "augment"},
 }
 
 
 @pytest.mark.parametrize(
     "rule, lr, within",
-    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer 55 up, 27 down; optimizer with
+    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer (growth_tol 0.1) 11 up, 43 down;
+    # growth_tol 0.2 (the previous default) 55 up, 27 down, and with it:
     # balance_bases 31 up, 27 down; with moment_init="prior" 39 up, 27 down; with cycle_length 7: 11 up, 27 down, 15:
     # 43 and 43; with lora_alpha=8 at lr 1e-2: 11 up, 31 down (at 3e-2 it follows too, but ends at errors 3.3e-2). At
     # lr 1e-2 the per-entry rules at scale 1 fall in 123-167 steps: Adam shrinks a coefficient of 2.5 by at most lr
@@ -178,6 +183,7 @@ CHANGE_RULES = {
         ("coefficient", 1e-2, 100),
         ("split", 3e-2, 100),
         ("optimizer", 3e-2, 100),
+        ("optimizer_previous", 3e-2, 100),
         ("optimizer_balanced", 3e-2, 100),
         ("optimizer_prior", 3e-2, 100),
         ("optimizer_c7", 3e-2, 100),
