@@ -524,6 +524,7 @@ def markdown(results: Path) -> str:
                 r for r in ablation if r["variant"] == variant
             ]
             for variant in ABLATION
+            if any(r["variant"] == variant for r in ablation)  # variants measured elsewhere only (trajectories)
         }
         for rule, records in rows.items():
             for task in LR_TASKS:
