@@ -79,7 +79,8 @@ def _optimizer_rule_with(**changes: str) -> list[str]:
 
 
 # GeoLoRA's step-rule variants, each with its settings spelled out (so a run's JSON says what ran whatever the package
-# defaults are; "the default" in the comments below is the optimizer rule as first measured, optimizer_mean_growth): the user's AdamW steps U, S, V (0.1.0's rule: scale 1, tau 0.3), with the new directions' second
+# defaults are; "the default" in the comments below is the optimizer rule as first measured, optimizer_mean_growth):
+# the user's AdamW steps U, S, V (0.1.0's rule: scale 1, tau 0.3), with the new directions' second
 # moments starting at zero (0.1.0) or at the established ones' mean; the allocator steps the augmented coefficients
 # (scale 1, tau 0.15, growth_tol 0.2); or the authors' split (AdamW steps S, the new directions a gradient step).
 # GeoLoRA's learning-rate, test and initial-rank runs are those of the variant that equals the package defaults,

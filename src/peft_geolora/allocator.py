@@ -798,7 +798,9 @@ class RankAllocator:
         if not self.schedule.ranks_may_change():
             return {i: self._base_ranks.get(i, self.adapters[i].rank) for item in pending for i in item.members}
         caps = {i: min(self.config.max_rank, a.capacity) for i, a in enumerate(self.adapters)}
-        costs = {i: a.U.shape[0] + a.V.shape[0] for i, a in enumerate(self.adapters)}
+        costs = None  # what one rank costs, read by a budget in parameters only
+        if self.config.budget is not None and self.config.budget_unit == "params":
+            costs = {i: a.U.shape[0] + a.V.shape[0] for i, a in enumerate(self.adapters)}
         views = [
             rank_rule.Spectrum(item.members, item.S, P, sigma, Q, item.S0)
             for item, (P, sigma, Q) in zip(pending, spectra)
