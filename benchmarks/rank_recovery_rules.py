@@ -1,12 +1,13 @@
 """Low-rank fitting under Adam and AdamW for every GeoLoRA step-rule variant, beside LoRA r = 8.
 
-    python benchmarks/rank_recovery_rules.py
+    python benchmarks/rank_recovery_rules.py [--problems fine_tuning]
 
 The problems, bounds and LoRA reference of ``tests/test_rank_recovery_adam.py`` (64×48 rank 5 and 80×40 rank 4,
-1,000 steps, r0 ∈ {1, 16}, lr ∈ {3e-3, 1e-2, 3e-2}, default scale, tau 0.05, max_rank 16), for each variant of the
-suite's ablation: the final rank, the relative error and whether it meets ``max(2e-2, LoRA r=8's error + 1e-2)`` at
-the target's rank. Writes ``benchmarks/results/rank_recovery_rules.json``, replacing the runs of the variants it ran
-and keeping the others (each variant's command is recorded).
+singular values up to 5, or with ``--problems fine_tuning`` the same shapes at a tenth of them; 1,000 steps,
+r0 ∈ {1, 16}, lr ∈ {3e-3, 1e-2, 3e-2}, tau 0.05, max_rank 16), for each variant of the suite's ablation: the final
+rank, the relative error and whether it meets ``max(2e-2, LoRA r=8's error + 1e-2)`` at the target's rank. Writes
+``benchmarks/results/rank_recovery_rules.json`` (``rank_recovery_fine_tuning.json``), replacing the runs of the
+variants it ran and keeping the others (each variant's command is recorded).
 """
 
 from __future__ import annotations
@@ -23,19 +24,25 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.test_rank_recovery_adam import PROBLEMS, lora_error, low_rank_target, run_geolora  # noqa: E402
+from tests.test_rank_recovery_adam import (  # noqa: E402
+    FINE_TUNING_PROBLEMS,
+    PROBLEMS,
+    lora_error,
+    low_rank_target,
+    run_geolora,
+)
 
 
 # the optimizer rule as first measured (the suite's optimizer_mean_growth, the default before growth_tol 0.1); the
 # optimizer-rule variants below change one of its settings
-DEFAULT_RULE = {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2}
-# the suite's step-rule variants, without the setting the toy problems fix (tau); the scale is the default unless given
+DEFAULT_RULE = {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2, "lora_alpha": 1.0}
+# the suite's step-rule variants, without the setting the toy problems fix (tau); scale 1 unless given
 VARIANTS = {
-    "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None},
-    "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None},
+    "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None, "lora_alpha": 1.0},
+    "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None, "lora_alpha": 1.0},
     "optimizer_mean_growth": DEFAULT_RULE,
-    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2},
-    "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2},
+    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
+    "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2, "lora_alpha": 1.0},
     "optimizer_mean_growth_balanced": {**DEFAULT_RULE, "balance_bases": True},
     "optimizer_prior_growth": {**DEFAULT_RULE, "moment_init": "prior"},
     # the default at 8 times its scale (the suite's optimizer_mean_growth_alpha8)
@@ -47,6 +54,8 @@ VARIANTS = {
     "optimizer_mean_growth_aug": {**DEFAULT_RULE, "basis_steps": "augment"},
     # the looser growth test: the package default (the suite's optimizer_mean_growth0.1_tau0.4; tau is fixed here)
     "optimizer_mean_growth0.1": {**DEFAULT_RULE, "growth_tol": 0.1},
+    # the package default since lora_alpha="auto" (the suite's optimizer_mean_growth0.1_tau0.4_auto): scale 5e-3 / lr
+    "optimizer_mean_growth0.1_auto": {**DEFAULT_RULE, "growth_tol": 0.1, "lora_alpha": "auto"},
 }
 
 
@@ -54,14 +63,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rank_recovery_rules.json"))
+    parser.add_argument(
+        "--problems",
+        choices=["issue", "fine_tuning"],
+        default="issue",
+        help="the method issue's problems (singular values up to 5) or the same shapes at a tenth of them",
+    )
+    parser.add_argument("--out", help="default: benchmarks/results/rank_recovery_{rules,fine_tuning}.json")
     args = parser.parse_args(argv)
+    problems = PROBLEMS if args.problems == "issue" else FINE_TUNING_PROBLEMS
+    default_name = "rank_recovery_rules.json" if args.problems == "issue" else "rank_recovery_fine_tuning.json"
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / default_name)
     rows = []
     for variant in args.variants:
         for problem, optimizer_name, lr, r0 in itertools.product(
-            sorted(PROBLEMS), ("adam", "adamw"), (3e-3, 1e-2, 3e-2), (1, 16)
+            sorted(problems), ("adam", "adamw"), (3e-3, 1e-2, 3e-2), (1, 16)
         ):
-            m, n, sigma = PROBLEMS[problem]
+            m, n, sigma = problems[problem]
             A = low_rank_target(m, n, sigma)
             t0 = time.perf_counter()
             layer, error, _ = run_geolora(A, r0, optimizer_name, lr, steps=args.steps, **VARIANTS[variant])

@@ -131,6 +131,11 @@ ABLATION = {
     # the default with a quarter of its scale: under Adam every adapter step is proportional to lora_alpha * lr, so
     # this variant at lr x should score like the default at lr x / 4 (run at 5e-4 and 2e-2 only: --lrs 0.0005 0.02)
     "optimizer_mean_growth_alpha0.25": _optimizer_rule_with(lora_alpha="0.25"),
+    # the default with lora_alpha="auto": the allocator sets the scale to 5e-3 / lr, so the adapter takes the default's
+    # steps at lr 5e-3 whatever the learning rate (the classifier head still follows lr)
+    "optimizer_mean_growth0.1_tau0.4_auto": _optimizer_rule_with(growth_tol="0.1", tau="0.4", lora_alpha="auto"),
+    # the same with twice the adapter's step (lora_alpha 2 at lr 5e-3): the rank-recovery problems need s * lr >= 1e-2
+    "optimizer_mean_growth0.1_tau0.4_alpha2": _optimizer_rule_with(growth_tol="0.1", tau="0.4", lora_alpha="2"),
 }
 
 
@@ -161,15 +166,22 @@ GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
 # LoRA users' learning rates (lora_alpha=8) and the cheapest step of the default rule (basis_steps="augment")
 INIT_RANK_VARIANTS = (
     DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4",
     "optimizer_mean_growth",
     "optimizer_prior_growth",
     "coefficient",
     "optimizer_mean_growth_alpha8",
     "optimizer_mean_growth_aug",
 )
-# GeoLoRA variants run on the test protocol (every task, every seed): the default, the previous default, and the
-# default rule with the bases stepped only at augmentations (the cheapest step)
-TEST_VARIANTS = (DEFAULT_VARIANT, "optimizer_mean_growth", "optimizer_mean_growth_aug")
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, the two previous defaults (scale 1
+# with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the default rule with the bases stepped only at
+# augmentations (the cheapest step)
+TEST_VARIANTS = (
+    DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4",
+    "optimizer_mean_growth",
+    "optimizer_mean_growth_aug",
+)
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),

@@ -49,6 +49,7 @@ def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
         ({"r": 32, "max_rank": 16}, "r", "[`min_rank`, `max_rank`] = [1, 16]"),
         ({"lora_dropout": 1.0}, "lora_dropout", "[0, 1)"),
         ({"lora_alpha": 0}, "lora_alpha", "> 0"),
+        ({"lora_alpha": "automatic"}, "lora_alpha", "'auto'"),
         ({"budget": 0}, "budget", ">= 1"),
         ({"budget_unit": "layers"}, "budget_unit", "'rank', 'params'"),
         ({"schedule": "sometimes"}, "schedule", "'step', 'cycle'"),
@@ -98,8 +99,11 @@ def test_rank_is_clamped_per_layer_and_scale_is_fixed() -> None:
 
 @pytest.mark.parametrize("r", [1, 2, 8])
 def test_scale_does_not_depend_on_the_initial_rank(r: int) -> None:
+    model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"], r=r, max_rank=8, lora_alpha=2))
+    assert model.base_model.model.lin.scaling["default"] == 2.0
+    # the default, "auto", computes with 1 until an allocator writes the scale from the learning rate
     model = get_peft_model(WithEmbedding(), GeoLoraConfig(target_modules=["lin"], r=r, max_rank=8))
-    assert model.base_model.model.lin.scaling["default"] == GeoLoraConfig().lora_alpha
+    assert model.base_model.model.lin.scaling["default"] == 1.0 and model.peft_config["default"].scaling is None
 
 
 def test_a_config_saved_by_0_1_0_keeps_its_scale(tmp_path) -> None:

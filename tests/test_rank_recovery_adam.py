@@ -1,7 +1,8 @@
-"""Rank recovery under the optimizers users run (Adam, AdamW), through the whole stack, with the default scale and
-the default step rule with the package defaults (``moment_init="mean"``, ``growth_tol=0.1``; with 0.1.0's zero
-moments the ``"optimizer"`` rule ended at relative errors 2e-2 ... 3e-1 here: ``benchmarks/rank_recovery_rules.py``)
-and the other two rules with the growth test they were measured with (``growth_tol=0.2``).
+"""Rank recovery under the optimizers users run (Adam, AdamW), through the whole stack: the default step rule with the
+package defaults (``lora_alpha="auto"``, ``moment_init="mean"``, ``growth_tol=0.1``) and at scale 1 (the default
+before ``"auto"``; with 0.1.0's zero moments the ``"optimizer"`` rule ended at relative errors 2e-2 ... 3e-1 here:
+``benchmarks/rank_recovery_rules.py``), and the other two rules at scale 1 with the growth test they were measured
+with (``growth_tol=0.2``).
 
 Each problem fits a fixed low-rank target ``A`` by minimising ``½ ‖W − A‖²_F`` (``W`` is the adapter of a zero base
 layer) for at most 1,000 steps. GeoLoRA must end at the target's rank with a relative error within
@@ -27,6 +28,13 @@ PROBLEMS = {  # (m, n, singular values): the package's rank-5 problem and a tall
     "64x48_rank5": (64, 48, (5.0, 4.0, 3.0, 2.0, 1.0)),
     "80x40_rank4": (80, 40, (4.0, 3.0, 2.0, 1.0)),
 }
+# the same shapes with a tenth of the singular values: the size fine-tuning gives an adapter (on the suite's tasks
+# the kept singular values of s · S end between 0.1 and 0.7)
+FINE_TUNING_PROBLEMS = {
+    "64x48_rank5_small": (64, 48, (0.5, 0.4, 0.3, 0.2, 0.1)),
+    "80x40_rank4_small": (80, 40, (0.4, 0.3, 0.2, 0.1)),
+}
+ALL_PROBLEMS = {**PROBLEMS, **FINE_TUNING_PROBLEMS}
 
 
 def low_rank_target(m: int, n: int, sigma: tuple[float, ...], seed: int = 0) -> torch.Tensor:
@@ -80,7 +88,7 @@ def run_geolora(target, r0: int, optimizer_name: str, lr: float, steps: int = ST
 @functools.cache
 def lora_error(problem: str, optimizer_name: str, lr: float) -> float:
     """LoRA r = 8 (PEFT's defaults) under the same optimizer, learning rate and steps."""
-    A = low_rank_target(*PROBLEMS[problem])
+    A = low_rank_target(*ALL_PROBLEMS[problem])
     torch.manual_seed(0)
     model = get_peft_model(Dense(A.shape[1], A.shape[0], torch.float64), LoraConfig(target_modules=["lin"], r=8))
     optimizer = make_optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad], lr)
@@ -104,13 +112,22 @@ SLOW_AT_SCALE_ONE = pytest.mark.xfail(
 JUST_ABOVE = pytest.mark.xfail(strict=True, reason="split rule: 2.1e-2 where 2.0e-2 is allowed")
 
 
-RULES = {  # the default rule with the package's defaults (moment_init "mean", growth_tol 0.1), the others at 0.2
+# The package's defaults: lora_alpha="auto" sets the scale to 5e-3 / lr, so under Adam every case here runs the same
+# adapter steps, about 5e-3 per step in each coefficient of ΔW, whatever its lr: 1,000 steps reach at most a singular
+# value of about 5, and Adam's steps shrink as the fit nears (errors 0.11 ... 0.30, the right rank in 12 of 24). The
+# suite's tasks train best at that step and fall to chance at four times it (README, "Choosing the defaults").
+AT_THE_SUITES_STEP = pytest.mark.xfail(
+    strict=True, reason="lora_alpha='auto': 5e-3 per step, too slow for singular values up to 5 in 1,000 steps"
+)
+
+RULES = {  # the default rule with the package's defaults, and at scale 1; the other rules at scale 1, growth_tol 0.2
     "optimizer": {"step_rule": "optimizer"},
-    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2},
-    "split": {"step_rule": "split", "growth_tol": 0.2},
+    "optimizer_scale1": {"step_rule": "optimizer", "lora_alpha": 1.0},
+    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
+    "split": {"step_rule": "split", "growth_tol": 0.2, "lora_alpha": 1.0},
 }
 # the opt-in settings of the default rule, measured on the previous default's growth test (the suite's variants too)
-PREVIOUS_DEFAULT = {"step_rule": "optimizer", "growth_tol": 0.2}
+PREVIOUS_DEFAULT = {"step_rule": "optimizer", "growth_tol": 0.2, "lora_alpha": 1.0}
 
 
 STALLS_FROM_RANK_ONE = pytest.mark.xfail(
@@ -119,11 +136,13 @@ STALLS_FROM_RANK_ONE = pytest.mark.xfail(
 
 
 def _marks(rule: str, problem: str, optimizer_name: str, lr: float, r0: int) -> list:
+    if rule == "optimizer":
+        return [AT_THE_SUITES_STEP]
     if lr == 3e-3 and (rule != "coefficient" or r0 == 1):
         return [SLOW_AT_SCALE_ONE]
     if (rule, problem, optimizer_name, lr, r0) == ("split", "64x48_rank5", "adamw", 1e-2, 1):
         return [JUST_ABOVE]
-    if (rule, problem, lr, r0) == ("optimizer", "64x48_rank5", 1e-2, 1):
+    if (rule, problem, lr, r0) == ("optimizer_scale1", "64x48_rank5", 1e-2, 1):
         return [STALLS_FROM_RANK_ONE]
     return []
 
@@ -158,6 +177,22 @@ def test_rank_recovery_under_adam(rule: str, problem: str, optimizer_name: str, 
     assert error <= allowed
 
 
+@pytest.mark.parametrize("r0", [1, 16])
+@pytest.mark.parametrize("lr", [3e-3, 1e-2, 3e-2])
+@pytest.mark.parametrize("optimizer_name", ["adam", "adamw"])
+@pytest.mark.parametrize("problem", sorted(FINE_TUNING_PROBLEMS))
+def test_rank_recovery_at_fine_tuning_scale_with_the_defaults(problem: str, optimizer_name: str, lr: float, r0: int):
+    """Singular values of the size fine-tuning reaches: the defaults meet every case (at scale 1, 14 of 24: at lr
+    3e-2, and at 1e-2 from r0 = 16 on the 80x40 problem, its steps are too large for errors within the bound;
+    benchmarks/results/rank_recovery_fine_tuning.json)."""
+    m, n, sigma = FINE_TUNING_PROBLEMS[problem]
+    A = low_rank_target(m, n, sigma)
+    allowed = max(2e-2, lora_error(problem, optimizer_name, lr) + 1e-2)
+    layer, error, _ = run_geolora(A, r0, optimizer_name, lr, step_rule="optimizer")
+    assert layer.rank["default"] == len(sigma)
+    assert error <= allowed
+
+
 # the rank-change test also runs the optimizer rule with its opt-in balance_bases and moment_init="prior"
 CHANGE_RULES = {
     **RULES,
@@ -183,6 +218,7 @@ CHANGE_RULES = {
         ("coefficient", 1e-2, 100),
         ("split", 3e-2, 100),
         ("optimizer", 3e-2, 100),
+        ("optimizer_scale1", 3e-2, 100),
         ("optimizer_previous", 3e-2, 100),
         ("optimizer_balanced", 3e-2, 100),
         ("optimizer_prior", 3e-2, 100),

@@ -21,20 +21,21 @@ from .tiny_models import build, classification_dataset, inputs
 STEP_RULES = ["optimizer", "coefficient", "split"]
 
 
-def _model(seed: int = 0, step_rule: str = "optimizer"):
+def _model(seed: int = 0, step_rule: str = "optimizer", **options):
     model, targets = build("bert", seed=seed)
-    config = GeoLoraConfig(
-        task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule
-    )
+    settings = dict(r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule, **options)
+    config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, **settings)
     return get_peft_model(model, config)
 
 
-def _trainer(output_dir: Path, max_steps: int, step_rule: str = "optimizer") -> Trainer:
+def _trainer(
+    output_dir: Path, max_steps: int, step_rule: str = "optimizer", learning_rate: float = 5e-3, **options
+) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=4,
-        learning_rate=5e-3,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
         logging_steps=2,
         save_strategy="steps",
@@ -47,7 +48,7 @@ def _trainer(output_dir: Path, max_steps: int, step_rule: str = "optimizer") -> 
         dataloader_num_workers=0,
     )
     return Trainer(
-        model=_model(step_rule=step_rule),
+        model=_model(step_rule=step_rule, **options),
         args=args,
         train_dataset=classification_dataset(),
         callbacks=[GeoLoraCallback()],
@@ -80,6 +81,19 @@ def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path, step
     assert _max_diff(_adapter(full.model), _adapter(resumed.model)) <= 1e-6
     resumed_callback = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
     assert resumed_callback.allocator.rank_history() == callback.allocator.rank_history()
+
+
+def test_trainer_resumes_exactly_with_the_scale_set_from_the_learning_rate(tmp_path: Path) -> None:
+    """lora_alpha="auto": the resumed Trainer rebuilds the model from the code's config (scale not yet written) and
+    its allocator writes the same scale from the same learning rate, so the run continues exactly."""
+    full = _trainer(tmp_path / "full", max_steps=12, learning_rate=1e-3, lora_alpha="auto")
+    full.train()
+    assert full.model.peft_config["default"].scaling == pytest.approx(5.0)  # 5e-3 / lr 1e-3
+    saved = json.loads((tmp_path / "full" / "checkpoint-6" / "adapter_config.json").read_text())
+    assert saved["scaling"] == pytest.approx(5.0) and saved["lora_alpha"] == "auto"
+    resumed = _trainer(tmp_path / "full", max_steps=12, learning_rate=1e-3, lora_alpha="auto")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert _max_diff(_adapter(full.model), _adapter(resumed.model)) <= 1e-6
 
 
 def _accelerate_run(

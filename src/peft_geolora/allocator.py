@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import integrator, optimizer_state, rank_rule, sharding
+from . import integrator, optimizer_state, rank_rule, scale, sharding
 from .coefficient_optimizer import (
     CoefficientState,
     StepHyperparameters,
@@ -248,6 +248,8 @@ class RankAllocator:
         self._check_budget_covers_floors()
         self.optimizer = _unwrap_optimizer(optimizer)
         self._check_optimizer_covers_factors()
+        if config.lora_alpha == "auto" and config.scaling is None:
+            self._resolve_auto_scale(config)
 
         self.schedule = CycleSchedule.from_config(self.config)
         self._num_truncations = 0
@@ -339,6 +341,17 @@ class RankAllocator:
                 "optimizer keeps no state for them, so only the factors need gathering. The default rule would need "
                 "the optimizer's sharded moments as well."
             )
+
+    def _resolve_auto_scale(self, model_config: GeoLoraConfig) -> None:
+        """``lora_alpha="auto"``: set the scale from the optimizer's peak learning rate (:mod:`peft_geolora.scale`) in
+        every layer and in the model's config (saved with the adapter; resolving it completes the adapter's creation,
+        and a resumed run resolves it to the same value from the same optimizer)."""
+        group = self.optimizer.param_groups[group_index_of(self.optimizer, self.adapters[0].S)]
+        value = scale.auto_scale(group, self.config.step_rule)
+        for a in self.adapters:
+            a.layer.scaling[a.adapter] = value
+        model_config.scaling = value
+        self.config.scaling = value
 
     def _check_budget_covers_floors(self) -> None:
         cfg = self.config

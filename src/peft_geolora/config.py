@@ -10,6 +10,15 @@ from peft.config import PeftConfig
 from .registry import GEOLORA
 
 
+# lora_alpha="auto" under an Adam-family optimizer: the scale s = AUTO_ADAPTER_STEP / lr, so that the adapter's step
+# s · lr (Adam moves every coefficient by about lr, so ΔW moves by about s · lr) is the one that trained best on the
+# suite's learning-rate tasks (lora_alpha 1 at lr 5e-3; README, "Choosing the defaults").
+AUTO_ADAPTER_STEP = 5e-3
+# the scale an adapter with lora_alpha="auto" computes with before an allocator has resolved it (and for ever when no
+# allocator drives it, or under SGD)
+UNRESOLVED_AUTO_SCALE = 1.0
+
+
 def _check_range(name: str, value, allowed: str, ok: bool) -> None:
     if not ok:
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
@@ -17,6 +26,10 @@ def _check_range(name: str, value, allowed: str, ok: bool) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -57,19 +70,24 @@ class GeoLoraConfig(PeftConfig):
     abs_tol: float = field(
         default=0.0, metadata={"help": "Singular values at or below this absolute value are always discarded."}
     )
-    lora_alpha: float = field(
-        default=1.0,
+    lora_alpha: Union[float, Literal["auto"]] = field(
+        default="auto",
         metadata={
             "help": "The adapter's scale: Delta W = lora_alpha * U S V^T. Not divided by the rank (U and V are "
             "orthonormal, so ||Delta W|| = lora_alpha * ||S|| at any rank): the initial rank changes neither the "
-            "function nor the step. Under Adam it acts like a learning-rate multiplier of the adapter."
+            "function nor the step. Under Adam it acts like a learning-rate multiplier of the adapter: the adapter "
+            "moves by about lora_alpha * lr per step. 'auto' (the default): the RankAllocator sets the scale to "
+            "5e-3 / lr when it is created (lr: the peak learning rate of the optimizer's group holding S), so under "
+            "Adam and AdamW the adapter takes the same steps at any learning rate. Under SGD, with "
+            "step_rule='split', and without an allocator the scale is 1."
         },
     )
     scaling: Optional[float] = field(
         default=None,
         metadata={
             "help": "Written at creation: the scale s the adapter computes with (lora_alpha; lora_alpha / r for "
-            "adapters saved by peft-geolora 0.1.0, whose configs lack this key). Fixed for the adapter's life."
+            "adapters saved by peft-geolora 0.1.0, whose configs lack this key). With lora_alpha='auto' it is "
+            "written when the RankAllocator is created. Fixed for the adapter's life once written."
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
@@ -213,7 +231,7 @@ class GeoLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GEOLORA
-        if self.scaling is None:
+        if self.scaling is None and _is_number(self.lora_alpha):  # "auto": written by the allocator
             # A config that records ranks but no scale was saved by 0.1.0, which computed with lora_alpha / r.
             legacy = bool(self.rank_pattern)
             self.scaling = float(self.lora_alpha) / self.r if legacy else float(self.lora_alpha)
@@ -222,6 +240,11 @@ class GeoLoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+
+    def current_scaling(self) -> float:
+        """The scale ``s`` the adapter computes with now: ``scaling``, or 1 while ``lora_alpha="auto"`` waits for
+        its allocator."""
+        return UNRESOLVED_AUTO_SCALE if self.scaling is None else float(self.scaling)
 
     def _validate(self) -> None:
         for name in ("r", "max_rank", "min_rank", "cycle_length"):
@@ -250,8 +273,8 @@ class GeoLoraConfig(PeftConfig):
         _check_range(
             "lora_alpha",
             self.lora_alpha,
-            "a number > 0",
-            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+            "a number > 0 or 'auto'",
+            self.lora_alpha == "auto" or (_is_number(self.lora_alpha) and self.lora_alpha > 0),
         )
         _check_range(
             "bias", self.bias, "one of 'none', 'all', 'geolora_only'", self.bias in ("none", "all", "geolora_only")

@@ -92,7 +92,7 @@ def _export(
     base_model_name_or_path: Optional[str] = None,
 ) -> LoraConfig:
     """Write the LoRA adapter for ``factors`` (module name → {"U", "S", "V"} trimmed to the active rank)."""
-    scale = geo_config.scaling
+    scale = geo_config.current_scaling()
     ranks = {name: f["S"].shape[0] for name, f in factors.items() if f["S"].shape[0] > 0}
     if not ranks:
         raise ValueError("Every GeoLoRA layer has rank 0: there is nothing to export.")
@@ -215,6 +215,12 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
     }
     if any(not isinstance(m.lora_A[adapter_name], nn.Linear) for m in layers.values()):
         raise ValueError("Only LoRA adapters on Linear / Conv1D layers can start a GeoLoRA adapter.")
+    if geolora_options.get("lora_alpha") == "auto":
+        raise ValueError(
+            "lora_alpha='auto' sets the scale of a new adapter when its training starts, and a LoRA adapter brought "
+            "over is trained already. Give `lora_alpha` a number (the adapter computes the same function at any "
+            "scale; the scale sets how fast it moves under Adam when training continues)."
+        )
     ranks = {name: m.r[adapter_name] for name, m in layers.items()}
     options = {"r": max(ranks.values()), **geolora_options}
     options.setdefault("max_rank", max(options["r"], max(ranks.values())))

@@ -46,7 +46,7 @@ class GeoLoraModel(BaseTuner):
         kwargs = {
             "r": peft_config.r,
             "max_rank": peft_config.max_rank,
-            "scaling": peft_config.scaling,
+            "scaling": peft_config.current_scaling(),
             "lora_dropout": peft_config.lora_dropout,
             "init_weights": peft_config.init_weights,
         }
