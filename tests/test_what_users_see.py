@@ -93,7 +93,8 @@ def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    model = _peft(target_modules=["query", "key", "value", "dense"], tau=0.3)  # cycle schedule, cycle_length 3
+    # cycle schedule, cycle_length 3; scale 1, on whose run at this lr the best checkpoint is not the last
+    model = _peft(target_modules=["query", "key", "value", "dense"], tau=0.3, lora_alpha=1.0)
     return Trainer(
         model=model,
         args=args,

@@ -192,7 +192,8 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
     """Replace a loaded LoRA adapter by a GeoLoRA adapter computing the same function.
 
     ``model`` is a ``PeftModel`` holding the LoRA adapter ``adapter_name``; ``geolora_options`` configure the new
-    GeoLoRA adapter (``max_rank``, ``tau``, ...; ``r`` defaults to the largest LoRA rank). Each layer's
+    GeoLoRA adapter (``max_rank``, ``tau``, ...; ``r`` defaults to the largest LoRA rank, ``lora_alpha`` to 1, and
+    ``"auto"`` is refused: the adapter is trained already). Each layer's
     ``(α/r) · B A = Q_B (R_B Cᵀ) Q_Aᵀ`` is factorised through the QR of ``B`` and ``Aᵀ`` and the SVD of the small
     middle matrix. A LoRA rank above ``max_rank`` is refused.
     """
@@ -222,7 +223,9 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
             "scale; the scale sets how fast it moves under Adam when training continues)."
         )
     ranks = {name: m.r[adapter_name] for name, m in layers.items()}
-    options = {"r": max(ranks.values()), **geolora_options}
+    # a trained adapter needs a scale now: 1 unless given (the function is the same at any; under Adam the scale sets
+    # how fast the adapter moves when training continues)
+    options = {"r": max(ranks.values()), "lora_alpha": 1.0, **geolora_options}
     options.setdefault("max_rank", max(options["r"], max(ranks.values())))
     too_big = {n: r for n, r in ranks.items() if r > options["max_rank"]}
     if too_big:
