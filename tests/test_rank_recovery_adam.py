@@ -208,8 +208,9 @@ CHANGE_RULES = {
 
 @pytest.mark.parametrize(
     "rule, lr, within",
-    # measured: coefficient 7 steps up, 51 down; split 7 up, 31 down; optimizer (growth_tol 0.1) 11 up, 43 down;
-    # growth_tol 0.2 (the previous default) 55 up, 27 down, and with it:
+    # measured (scale 1 unless said): coefficient 7 steps up, 51 down; split 7 up, 31 down; the optimizer rule with the
+    # package defaults but scale 1 (optimizer_scale1) 11 up, 43 down (with "auto", at 5e-3 per step, the rise ends at
+    # rank 5 and the fall starts from 5); growth_tol 0.2 (the previous default) 55 up, 27 down, and with it:
     # balance_bases 31 up, 27 down; with moment_init="prior" 39 up, 27 down; with cycle_length 7: 11 up, 27 down, 15:
     # 43 and 43; with lora_alpha=8 at lr 1e-2: 11 up, 31 down (at 3e-2 it follows too, but ends at errors 3.3e-2). At
     # lr 1e-2 the per-entry rules at scale 1 fall in 123-167 steps: Adam shrinks a coefficient of 2.5 by at most lr
@@ -217,7 +218,7 @@ CHANGE_RULES = {
     [
         ("coefficient", 1e-2, 100),
         ("split", 3e-2, 100),
-        ("optimizer", 3e-2, 100),
+        pytest.param("optimizer", 3e-2, 100, marks=AT_THE_SUITES_STEP),  # the first target is not fitted in 500 steps
         ("optimizer_scale1", 3e-2, 100),
         ("optimizer_previous", 3e-2, 100),
         ("optimizer_balanced", 3e-2, 100),

@@ -195,7 +195,10 @@ class RankAllocator:
     optimizer : the optimizer over the trainable parameters (an accelerate ``AcceleratedOptimizer`` is fine);
         a pre-step hook is registered on it. With ``step_rule="coefficient"`` the hook takes the adapter
         gradients, so the optimizer steps everything else (heads, biases) and the allocator the adapters, with
-        the optimizer's own learning rate, betas and weight decay.
+        the optimizer's own learning rate, betas and weight decay. With ``lora_alpha="auto"`` (the default) and no
+        scale written yet, its peak learning rate sets the adapter's scale (:mod:`peft_geolora.scale`): create the
+        allocator after a OneCycleLR (which records its ``max_lr`` in the groups); CyclicLR does not record its peak
+        there, so give ``lora_alpha`` a number with it.
     adapter_name : which adapter to drive; default: the active adapter
     sync_processes : in a distributed run, broadcast factors, ranks and the coefficient state from process 0
         after every rewrite so that all processes hold bit-identical adapters
