@@ -24,8 +24,9 @@ from .config import AUTO_ADAPTER_STEP, UNRESOLVED_AUTO_SCALE
 
 
 def peak_lr(group: dict[str, Any]) -> float:
-    """The largest learning rate a parameter group's schedule reaches: ``max_lr`` (OneCycleLR, CyclicLR), else
-    ``initial_lr`` (what every torch scheduler records before applying its factor, e.g. a warm-up's 0), else ``lr``."""
+    """The largest learning rate a parameter group's schedule reaches: ``max_lr`` (recorded by OneCycleLR; CyclicLR
+    keeps its peak outside the groups), else ``initial_lr`` (what every torch scheduler records before applying its
+    factor, e.g. a warm-up's 0), else ``lr``."""
     for key in ("max_lr", "initial_lr", "lr"):
         if key in group:
             return float(group[key])
