@@ -35,11 +35,18 @@ from tests.test_rank_recovery_adam import (  # noqa: E402
 
 # the optimizer rule as first measured (the suite's optimizer_mean_growth, the default before growth_tol 0.1); the
 # optimizer-rule variants below change one of its settings
-DEFAULT_RULE = {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": 0.2, "lora_alpha": 1.0}
-# the suite's step-rule variants, without the setting the toy problems fix (tau); scale 1 unless given
+DEFAULT_RULE = {
+    "step_rule": "optimizer",
+    "moment_init": "mean",
+    "growth_tol": 0.2,
+    "lora_alpha": 1.0,
+    "relative_step_above": None,
+}
+# the suite's step-rule variants, without the setting the toy problems fix (tau); scale 1 and S's absolute step unless
+# given
 VARIANTS = {
-    "optimizer": {"step_rule": "optimizer", "moment_init": "zero", "growth_tol": None, "lora_alpha": 1.0},
-    "optimizer_mean": {"step_rule": "optimizer", "moment_init": "mean", "growth_tol": None, "lora_alpha": 1.0},
+    "optimizer": {**DEFAULT_RULE, "moment_init": "zero", "growth_tol": None},
+    "optimizer_mean": {**DEFAULT_RULE, "growth_tol": None},
     "optimizer_mean_growth": DEFAULT_RULE,
     "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
     "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2, "lora_alpha": 1.0},
@@ -56,6 +63,17 @@ VARIANTS = {
     "optimizer_mean_growth0.1": {**DEFAULT_RULE, "growth_tol": 0.1},
     # the package default since lora_alpha="auto" (the suite's optimizer_mean_growth0.1_tau0.4_auto): scale 5e-3 / lr
     "optimizer_mean_growth0.1_auto": {**DEFAULT_RULE, "growth_tol": 0.1, "lora_alpha": "auto"},
+    # "auto" with S's step growing in proportion to the adapter above ||ΔW||_F = rho (relative_step_above; rho 1: the
+    # package default)
+    **{
+        f"optimizer_mean_growth0.1_auto_rel{rho:g}": {
+            **DEFAULT_RULE,
+            "growth_tol": 0.1,
+            "lora_alpha": "auto",
+            "relative_step_above": rho,
+        }
+        for rho in (0.5, 1.0, 2.0)
+    },
 }
 
 

@@ -74,6 +74,7 @@ def _optimizer_rule_with(**changes: str) -> list[str]:
         "growth_tol": "0.2",
         "moment_init": "mean",
         "balance_bases": "false",
+        "relative_step_above": "null",
     }
     return [f"geolora.{key}={value}" for key, value in {**base, **changes}.items()]
 
@@ -136,6 +137,18 @@ ABLATION = {
     "optimizer_mean_growth0.1_tau0.4_auto": _optimizer_rule_with(growth_tol="0.1", tau="0.4", lora_alpha="auto"),
     # the same with twice the adapter's step (lora_alpha 2 at lr 5e-3): the rank-recovery problems need s * lr >= 1e-2
     "optimizer_mean_growth0.1_tau0.4_alpha2": _optimizer_rule_with(growth_tol="0.1", tau="0.4", lora_alpha="2"),
+    # "auto" with S's step growing in proportion to the adapter once ||ΔW||_F exceeds rho (relative_step_above): a
+    # large adapter then fits at a relative rate (the rank-recovery problems) while a small one keeps the auto step
+    **{
+        f"optimizer_mean_growth0.1_tau0.4_auto_rel{rho}": _optimizer_rule_with(
+            growth_tol="0.1", tau="0.4", lora_alpha="auto", relative_step_above=rho
+        )
+        for rho in ("0.5", "1", "2")
+    },
+    # the same (rho 1) with a stricter tau rule, which cuts what the larger steps let in (the size target)
+    "optimizer_mean_growth0.1_tau0.5_auto_rel1": _optimizer_rule_with(
+        growth_tol="0.1", tau="0.5", lora_alpha="auto", relative_step_above="1"
+    ),
 }
 
 
@@ -161,11 +174,12 @@ def default_variant() -> str:
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, the previous
-# default's (growth_tol 0.2, tau 0.3), those that aim at the spread, the coefficient rule (one second moment per
+# defaults' ("auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread, the coefficient rule (one second moment per
 # adapter instead of one per entry: S's step then follows the gradient's size), the setting the README recommends for
 # LoRA users' learning rates (lora_alpha=8) and the cheapest step of the default rule (basis_steps="augment")
 INIT_RANK_VARIANTS = (
     DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
     "optimizer_mean_growth",
     "optimizer_prior_growth",
@@ -173,11 +187,12 @@ INIT_RANK_VARIANTS = (
     "optimizer_mean_growth_alpha8",
     "optimizer_mean_growth_aug",
 )
-# GeoLoRA variants run on the test protocol (every task, every seed): the default, the two previous defaults (scale 1
-# with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the default rule with the bases stepped only at
-# augmentations (the cheapest step)
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, the three previous defaults ("auto"
+# without the relative step; scale 1 with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the default
+# rule with the bases stepped only at augmentations (the cheapest step)
 TEST_VARIANTS = (
     DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
     "optimizer_mean_growth",
     "optimizer_mean_growth_aug",

@@ -601,3 +601,54 @@ def test_prior_moments_leave_other_optimizers_alone() -> None:
 def test_moment_init_is_validated() -> None:
     with pytest.raises(ValueError, match="'zero', 'mean' or 'prior'"):
         GeoLoraConfig(moment_init="first")
+
+
+@pytest.mark.parametrize(
+    "optimizer_class, options",
+    [
+        (torch.optim.Adam, {}),
+        (torch.optim.AdamW, {"weight_decay": 0.1}),
+        (torch.optim.SGD, {"momentum": 0.9}),
+    ],
+)
+def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, options) -> None:
+    """``relative_step_above`` = ρ: after an Adam-family step, the kept block of S is ``d S₀ + g (S⁺ − d S₀)`` with
+    ``g = ‖s S₀‖_F / ρ`` and ``d = 1 − lr · wd`` for AdamW's decoupled decay (the decay itself is not scaled); the
+    bases' moves are untouched; an SGD step (already proportional to the gradient) is left exactly as it was."""
+    from .helpers import geolora_dense
+
+    m, n, r, lr, rho, s = 12, 9, 3, 1e-2, 0.5, 0.8
+    results = []
+    for relative in (None, rho):
+        torch.manual_seed(0)
+        model, layer = geolora_dense(
+            m, n, torch.float64, r=r, max_rank=6, tau=0.0, lora_alpha=s, relative_step_above=relative
+        )
+        with torch.no_grad():
+            layer.geolora_S["default"][:r, :r] = 2 * torch.randn(r, r, dtype=torch.float64)
+        S_before = layer.geolora_S["default"][:r, :r].detach().clone()
+        optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
+        allocator = RankAllocator(model, optimizer)
+        (model(torch.randn(4, n, dtype=torch.float64)) ** 2).sum().backward()
+        optimizer.step()
+        allocator.step()  # the first step of a cycle: augmented, not truncated
+        assert allocator.is_augmented()
+        results.append([t.detach().clone() for t in layer.active_factors("default")])
+    (U0, S0, V0), (U1, S1, V1) = results
+    torch.testing.assert_close(U1, U0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(V1, V0, atol=1e-12, rtol=0)
+    if optimizer_class is torch.optim.SGD:
+        assert torch.equal(S1, S0)
+        return
+    gain = float(torch.linalg.matrix_norm(s * S_before)) / rho
+    kept = 1 - lr * options.get("weight_decay", 0.0) if optimizer_class is torch.optim.AdamW else 1.0
+    assert gain > 5
+    expected = kept * S_before + gain * (S0[:r, :r] - kept * S_before)
+    torch.testing.assert_close(S1[:r, :r], expected, atol=1e-12, rtol=1e-12)
+
+
+def test_relative_step_above_is_validated() -> None:
+    with pytest.raises(ValueError, match="relative_step_above"):
+        GeoLoraConfig(target_modules=["a"], relative_step_above=0)
+    with pytest.raises(ValueError, match="relative_step_above"):
+        GeoLoraConfig(target_modules=["a"], relative_step_above="big")

@@ -11,7 +11,9 @@ Step rules (``step_rule``):
   coefficient matrix with the optimizer's current hyperparameters (:mod:`peft_geolora.coefficient_optimizer`).
 * ``"optimizer"`` (the default, and 0.1.0's rule): the user's optimizer steps ``U``, ``S``, ``V``; the allocator reads the proposed moves
   and carries the optimizer's state through basis changes (:mod:`peft_geolora.optimizer_state`). With
-  ``basis_steps="augment"`` the optimizer steps ``U`` and ``V`` only at a cycle's first step.
+  ``basis_steps="augment"`` the optimizer steps ``U`` and ``V`` only at a cycle's first step. With
+  ``relative_step_above`` (the default) an Adam-family step of ``S`` is scaled up in proportion to the adapter
+  once ``‖s S‖_F`` exceeds it (:func:`~peft_geolora.integrator.relative_step`).
 * ``"split"`` (the authors' experiments): the pre-step hook takes the gradients of ``U`` and ``V`` only, the user's
   optimizer steps ``S``, and the new directions come from a plain gradient step ``−λ G V``, ``−λ Gᵀ U`` with the
   learning rate of ``S``'s parameter group; ``S``'s optimizer state is carried like the optimizer rule's.
@@ -73,6 +75,7 @@ ALLOCATOR_OPTIONS = (
     "moment_init",
     "balance_bases",
     "basis_steps",
+    "relative_step_above",
 )
 
 
@@ -171,6 +174,21 @@ def _new_directions(
     return U_tilde[..., :k], V_tilde[..., :k]
 
 
+def _copy_into(buffers: Optional[list[torch.Tensor]], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in ``buffers``, reused unless absent (first step) or the model was moved or cast since."""
+    if buffers is None or any(
+        b.shape != t.shape or b.device != t.device or b.dtype != t.dtype for b, t in zip(buffers, tensors)
+    ):
+        buffers = [torch.empty_like(t) for t in tensors]
+    optimizer_state.copy_all(buffers, tensors)
+    return buffers
+
+
+def _per_adapter(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """One number per adapter of a batch ``like`` (B, a, b), as (B, 1, 1) in its dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+
+
 def _pad(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, r, r) → (B, r + k, r + k), zeros in the new rows and columns."""
     return torch.nn.functional.pad(x, (0, k, 0, k))
@@ -267,6 +285,9 @@ class RankAllocator:
         # step_rule="optimizer": U₁, V₁, U₂, … before an optimizer step that moves the bases (buffers reused), and
         # whether the step's adapter gradients were not finite (taken away)
         self._basis_buffers: Optional[list[torch.Tensor]] = None
+        # relative_step_above: S before the optimizer's step (buffers reused), and what decoupled decay keeps of it
+        self._coefficient_buffers: Optional[list[torch.Tensor]] = None
+        self._kept_after_decay: list[Optional[float]] = []
         self._skipped = False
         # step_rule="coefficient": the gradients taken from the factors, and the hyperparameters of the step
         self._grads: Optional[list[tuple[Optional[torch.Tensor], ...]]] = None
@@ -274,9 +295,9 @@ class RankAllocator:
         self._coefficients: Optional[CoefficientState] = None
         # step_rule="optimizer" or "split": Ŝ at the start of the open cycle (the growth test's reference)
         self._cycle_start: Optional[list[torch.Tensor]] = None
+        self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]  # S's parameter group
         if self.uses_coefficient_step:
             self._kind = optimizer_kind(self.optimizer)
-            self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
             self._coefficients = CoefficientState(
                 [a.capacity for a in self.adapters],
                 [integrator.compute_dtype(a.S.dtype) for a in self.adapters],
@@ -289,7 +310,6 @@ class RankAllocator:
                 for a in self.adapters
             ]
             if self.config.step_rule == "split":
-                self._group_of = [group_index_of(self.optimizer, a.S) for a in self.adapters]
                 self._lrs: list[float] = []
                 hook = self._take_basis_gradients
             else:
@@ -460,6 +480,9 @@ class RankAllocator:
             for p in self._factor_params():
                 p.grad = None
             return
+        if self.config.relative_step_above is not None:
+            self._coefficient_buffers = _copy_into(self._coefficient_buffers, [a.S for a in self.adapters])
+            self._kept_after_decay = self._decoupled_decay_factors()
         steps_bases = self._steps_bases()
         if not steps_bases:
             for a in self.adapters:
@@ -471,13 +494,7 @@ class RankAllocator:
         if not steps_bases:
             return
         # U and V are read by an augmentation (the proposed moves) and restored after an S-only step
-        bases = [p for a in self.adapters for p in (a.U, a.V)]
-        buffers = self._basis_buffers
-        if buffers is None or any(
-            b.shape != p.shape or b.device != p.device or b.dtype != p.dtype for b, p in zip(buffers, bases)
-        ):  # first step, or the model was moved or cast since
-            self._basis_buffers = [torch.empty_like(p) for p in bases]
-        optimizer_state.copy_all(self._basis_buffers, bases)
+        self._basis_buffers = _copy_into(self._basis_buffers, [p for a in self.adapters for p in (a.U, a.V)])
 
     def _steps_bases(self) -> bool:
         """Whether the coming optimizer step reads the bases' (K- and L-) gradients: always at a cycle's first step
@@ -546,6 +563,8 @@ class RankAllocator:
             if self._skipped:
                 self._warn_nonfinite()
                 return
+            if self.config.relative_step_above is not None:
+                self._grow_coefficient_steps()
             if augment:
                 self._augment_from_optimizer(truncate=truncate)
             else:
@@ -673,6 +692,43 @@ class RankAllocator:
         return S, M, v
 
     # ------------------------------------------------------------------ optimizer rule (0.1.0)
+    def _decoupled_decay_factors(self) -> list[Optional[float]]:
+        """Per adapter: ``1 − lr · weight_decay`` if the coming step is an Adam-family one that decays S decoupled
+        (AdamW), 1 for another Adam-family step, None if it is not adaptive (SGD's step already follows the
+        gradient's size) — read before the step, with the scheduler's current lr."""
+        factors: dict[int, Optional[float]] = {}
+        for g in set(self._group_of):
+            if "betas" not in self.optimizer.param_groups[g]:
+                factors[g] = None
+                continue
+            hp = read_hyperparameters(self.optimizer, "adam", g)
+            factors[g] = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_weight_decay else 1.0
+        return [factors[g] for g in self._group_of]
+
+    def _grow_coefficient_steps(self) -> None:
+        """``relative_step_above``: the optimizer's adaptive step of every adapter's S made relative above that size
+        (:func:`~peft_geolora.integrator.relative_step`, in the compute dtype), batched over adapters of one shape,
+        written back in one fused copy."""
+        rho = float(self.config.relative_step_above)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (a, kept) in enumerate(zip(self.adapters, self._kept_after_decay)):
+            if kept is not None:
+                groups[(a.S.shape, a.S.dtype, a.S.device)].append(i)
+        targets, sources = [], []
+        for (_, dtype, _), members in groups.items():
+            cd = integrator.compute_dtype(dtype)
+            S = torch.stack([self.adapters[i].S for i in members]).to(cd)  # (B, c, c)
+            S1 = integrator.relative_step(
+                torch.stack([self._coefficient_buffers[i] for i in members]).to(cd),
+                S,
+                _per_adapter([self.adapters[i].layer.scaling[self.adapters[i].adapter] for i in members], S),
+                rho,
+                _per_adapter([self._kept_after_decay[i] for i in members], S),
+            )
+            targets += [self.adapters[i].S for i in members]
+            sources += list(S1.unbind())
+        optimizer_state.copy_all(targets, sources)
+
     def _restore_bases(self) -> None:
         """S-only step of the cycle schedule: undo the optimizer's moves of U and V."""
         optimizer_state.copy_all([p for a in self.adapters for p in (a.U, a.V)], self._basis_buffers)

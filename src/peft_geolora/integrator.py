@@ -48,7 +48,7 @@ inputs) whatever the model dtype. Every function is batched over leading ``...``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -317,6 +317,31 @@ def sgd_coefficient_step(
         momentum_buffer = grad.clone() if first_step else momentum * momentum_buffer + (1 - dampening) * grad
         grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
     return S - lr * grad, momentum_buffer
+
+
+def relative_step(
+    S0: torch.Tensor,
+    S1: torch.Tensor,
+    scale: Union[float, torch.Tensor],
+    rho: float,
+    kept_after_decay: Union[float, torch.Tensor] = 1.0,
+) -> torch.Tensor:
+    r"""An optimizer's step of ``S`` made relative above the adapter size ``ρ``.
+
+    .. math::  g = \max\!\Big(1, \frac{\lVert s S_0 \rVert_F}{\rho}\Big),\qquad
+               S \leftarrow d S_0 + g\, (S_1 - d S_0)
+
+    ``S₀`` is ``S`` before the step and ``S₁`` after it; ``d = 1 − λ w`` is the part of ``S₀`` a decoupled weight
+    decay keeps (AdamW; 1 otherwise), so only the adaptive move is scaled. Adam moves every entry by about λ whatever
+    the adapter's size, so ``ΔW = s U S Vᵀ`` moves by an absolute ``s λ``; scaled by ``g`` it moves in proportion to
+    ``‖ΔW‖_F = ‖s S‖_F`` once that exceeds ρ, as the bases' moves already do (``dU`` changes ``ΔW`` by
+    ``s dU S Vᵀ``) and as LoRA's factor product does. Below ρ, ``S₁`` is returned unchanged.
+
+    Shapes: S0, S1 (..., a, b) → (..., a, b); ``scale`` and ``kept_after_decay`` numbers or (..., 1, 1).
+    """
+    norm = torch.linalg.matrix_norm(S0, keepdim=True)  # (..., 1, 1)
+    gain = torch.clamp(norm * (scale / rho), min=1.0).to(S1.dtype)
+    return torch.lerp(S0 * kept_after_decay, S1, gain)
 
 
 def growth_along(P: torch.Tensor, dS: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
