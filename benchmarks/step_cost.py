@@ -9,7 +9,8 @@ methods take turns step by step, so drift on a shared machine hits them alike. O
 included), the median, the ratios of the means, and process CPU time / wall time beside each (below 1.8 on 2
 threads the machine was contended), and the training memory each method holds at its peak (right after the
 backward pass: trainable weights, their gradients, the optimizer state and GeoLoRA's allocator
-state, counted tensor by tensor). Writes ``benchmarks/results/step_cost.json``.
+state, its copies of the factors from before each optimizer step included, counted tensor by tensor). The
+``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side). Writes ``benchmarks/results/step_cost.json``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def build(name: str, path: str, total_steps: int):
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, basis_steps="augment", **common)
     elif name == "geolora_augment_adaptive":
         config = GeoLoraConfig(r=8, max_rank=16, basis_steps="augment", **common)
+    elif name == "geolora_absolute_pinned_r8_cycle":  # the default without the relative step of S
+        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, relative_step_above=None, **common)
+    elif name == "geolora_absolute_adaptive":
+        config = GeoLoraConfig(r=8, max_rank=16, relative_step_above=None, **common)
     else:  # geolora_adaptive: the default rule and settings
         config = GeoLoraConfig(r=8, max_rank=16, **common)
     model = get_peft_model(base, config)
@@ -96,6 +101,9 @@ def training_memory(model, optimizer, allocator) -> dict[str, int]:
     state = [v for s in optimizer.state.values() for v in s.values()]
     extra = allocator._coefficients.tensors() if getattr(allocator, "_coefficients", None) is not None else []
     extra += getattr(allocator, "_cycle_start", None) or []
+    # the optimizer rule's copies of U, V (and S, for the relative step) from before each optimizer step
+    extra += getattr(allocator, "_basis_buffers", None) or []
+    extra += getattr(allocator, "_coefficient_buffers", None) or []
     memory = {
         "weights": tensor_bytes(trainable),
         "grads": tensor_bytes(p.grad for p in trainable if p.grad is not None),
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         "geolora_adaptive",
         "geolora_augment_pinned_r8_cycle",
         "geolora_augment_adaptive",
+        "geolora_absolute_pinned_r8_cycle",
+        "geolora_absolute_adaptive",
         "geolora_coefficient_pinned_r8_cycle",
         "geolora_coefficient_adaptive",
         "geolora_split_pinned_r8_cycle",
