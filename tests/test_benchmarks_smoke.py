@@ -147,7 +147,7 @@ def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tm
     _ablation_grid(tmp_path, aug, best=3)
     test_lrs = {(run.variant, run.lr) for run in suite.planned_runs("test", tmp_path) if run.method == "geolora"}
     # the previous defaults: no grid of their own here, so GeoLoRA's chosen lr
-    previous = ("optimizer_mean_growth0.1_tau0.4", "optimizer_mean_growth")
+    previous = ("optimizer_mean_growth0.1_tau0.4_auto", "optimizer_mean_growth0.1_tau0.4", "optimizer_mean_growth")
     assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), *((p, grid[1]) for p in previous), (aug, grid[3])}
     suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
     assert suite.variant_lr(variant, tmp_path) is None
