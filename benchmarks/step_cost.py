@@ -10,7 +10,8 @@ included), the median, the ratios of the means, and process CPU time / wall time
 threads the machine was contended), and the training memory each method holds at its peak (right after the
 backward pass: trainable weights, their gradients, the optimizer state and GeoLoRA's allocator
 state, its copies of the factors from before each optimizer step included, counted tensor by tensor). The
-``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side). Writes ``benchmarks/results/step_cost.json``.
+``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side), and
+``geolora_tau0.4_adaptive`` the previous default's tau (larger adapters). Writes ``benchmarks/results/step_cost.json``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def build(name: str, path: str, total_steps: int):
         config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, relative_step_above=None, **common)
     elif name == "geolora_absolute_adaptive":
         config = GeoLoraConfig(r=8, max_rank=16, relative_step_above=None, **common)
+    elif name == "geolora_tau0.4_adaptive":
+        config = GeoLoraConfig(r=8, max_rank=16, tau=0.4, **common)
     else:  # geolora_adaptive: the default rule and settings
         config = GeoLoraConfig(r=8, max_rank=16, **common)
     model = get_peft_model(base, config)
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "geolora_augment_adaptive",
         "geolora_absolute_pinned_r8_cycle",
         "geolora_absolute_adaptive",
+        "geolora_tau0.4_adaptive",
         "geolora_coefficient_pinned_r8_cycle",
         "geolora_coefficient_adaptive",
         "geolora_split_pinned_r8_cycle",

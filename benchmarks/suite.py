@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +146,7 @@ ABLATION = {
         )
         for rho in ("0.5", "1", "2")
     },
-    # the same (rho 1) with a stricter tau rule, which cuts what the larger steps let in (the size target)
+    # the same (rho 1) with a stricter tau rule, which cuts what the larger steps let in (the size target; the default)
     "optimizer_mean_growth0.1_tau0.5_auto_rel1": _optimizer_rule_with(
         growth_tol="0.1", tau="0.5", lora_alpha="auto", relative_step_above="1"
     ),
@@ -174,11 +175,13 @@ def default_variant() -> str:
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, the previous
-# defaults' ("auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread, the coefficient rule (one second moment per
-# adapter instead of one per entry: S's step then follows the gradient's size), the setting the README recommends for
-# LoRA users' learning rates (lora_alpha=8) and the cheapest step of the default rule (basis_steps="augment")
+# defaults' (tau 0.4; "auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread,
+# the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's
+# size), the setting the README recommends for LoRA users' learning rates (lora_alpha=8) and the cheapest step of the
+# default rule (basis_steps="augment")
 INIT_RANK_VARIANTS = (
     DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4_auto_rel1",
     "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
     "optimizer_mean_growth",
@@ -187,11 +190,13 @@ INIT_RANK_VARIANTS = (
     "optimizer_mean_growth_alpha8",
     "optimizer_mean_growth_aug",
 )
-# GeoLoRA variants run on the test protocol (every task, every seed): the default, the three previous defaults ("auto"
-# without the relative step; scale 1 with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the default
-# rule with the bases stepped only at augmentations (the cheapest step)
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, the four previous defaults (tau 0.4;
+# "auto" without the relative step; scale 1 with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the
+# default rule with the bases stepped only at augmentations (the cheapest step). The report also shows any other
+# variant's test runs (relative_step_above=0.5: seed 0 of four tasks, stopped once it kept as many parameters)
 TEST_VARIANTS = (
     DEFAULT_VARIANT,
+    "optimizer_mean_growth0.1_tau0.4_auto_rel1",
     "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
     "optimizer_mean_growth",
@@ -277,7 +282,9 @@ def variant_lrs(variants: Iterable[str], suite_lr: float, results: Path) -> dict
     return {v: suite_lr if v == DEFAULT_VARIANT else variant_lr(v, results) or suite_lr for v in variants}
 
 
-def planned_runs(phase: str, results: Path) -> Iterator[Run]:
+def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = None) -> Iterator[Run]:
+    """The runs of ``phase``. Initial-rank runs use seed 0, and every seed for the default (the size of one run varies
+    with the seed by about as much as the target allows); ``seeds`` overrides that for every variant."""
     if phase == "lr":
         for method in METHODS:
             for task in LR_TASKS:
@@ -302,11 +309,15 @@ def planned_runs(phase: str, results: Path) -> Iterator[Run]:
         if lr is None:
             print("init_rank phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
             return
-        for variant, own in variant_lrs(INIT_RANK_VARIANTS, lr, results).items():  # e.g. lora_alpha=8: 2e-3
-            for task in INIT_RANK_TASKS:
-                for r0 in INIT_RANKS:
-                    overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
-                    yield Run("init_rank", task, "geolora", own, 0, f"{variant}_r{r0}", overrides)
+        own_lrs = variant_lrs(INIT_RANK_VARIANTS, lr, results)  # e.g. lora_alpha=8: 2e-3
+        for seed in SEEDS:
+            for variant, own in own_lrs.items():
+                if seed not in (seeds or (SEEDS if variant == DEFAULT_VARIANT else SEEDS[:1])):
+                    continue
+                for task in INIT_RANK_TASKS:
+                    for r0 in INIT_RANKS:
+                        overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
+                        yield Run("init_rank", task, "geolora", own, seed, f"{variant}_r{r0}", overrides)
     elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
         for method in METHODS:
             for task in OFFLINE_TASKS:
@@ -409,14 +420,16 @@ def run_phase(
     tasks: tuple[str, ...] = OFFLINE_TASKS,
     variants: Optional[tuple[str, ...]] = None,
     lrs: Optional[tuple[float, ...]] = None,
+    seeds: Optional[tuple[int, ...]] = None,
 ) -> list[dict[str, Any]]:
     runs = [
         r
-        for r in planned_runs(phase, results)
+        for r in planned_runs(phase, results, seeds)
         if r.method in methods
         and r.task in tasks
         and (variants is None or r.variant in variants)
         and (lrs is None or r.lr in lrs)
+        and (seeds is None or r.seed in seeds)
         and not r.path(results).is_file()
     ]
     done = []
@@ -489,6 +502,17 @@ def verdicts(table: dict[str, Any], reference: str = "geolora") -> dict[str, dic
     return out
 
 
+def _size_cell(sizes: list[int]) -> str:
+    """One run's size, or the mean over seeds with their number."""
+    return f"{sizes[0]:,}" if len(sizes) == 1 else f"{statistics.mean(sizes):,.0f} ({len(sizes)})"
+
+
+def _spread(sizes: list[float]) -> str:
+    """The largest deviation of ``sizes`` from their mean, relative to the mean (the initial-rank target's measure)."""
+    mean = statistics.mean(sizes)
+    return f"{max(abs(v - mean) for v in sizes) / mean:.1%}"
+
+
 def markdown(results: Path) -> str:
     lines = []
     ablation = load(results, "ablation")
@@ -528,21 +552,34 @@ def markdown(results: Path) -> str:
         lines += [""]
     init = load(results, "init_rank")
     if init:
-        lines += ["**GeoLoRA's final size over initial ranks** (tau rule, `max_rank` 32):", ""]
-        header = "| variant | task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean |"
+        lines += [
+            (
+                "**GeoLoRA's final size over initial ranks** (tau rule, `max_rank` 32; seed 0, or the mean over the "
+                "seeds in brackets; the last column is the spread of the size over the test protocol's seeds at the "
+                "default initial rank, the noise of one run):"
+            ),
+            "",
+        ]
+        header = (
+            "| variant | task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean | seed spread |"
+        )
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: v != DEFAULT_VARIANT)
+        tests = [r for r in load(results, "test") if r["method"] == "geolora"]
         for variant in variants:
             for task in INIT_RANK_TASKS:
-                sizes = {r["variant"]: r["adapter_params_end"] for r in init if r["task"] == task}
-                cells = [f"{sizes[f'{variant}_r{r}']:,}" if f"{variant}_r{r}" in sizes else "" for r in INIT_RANKS]
+                runs: dict[str, list[int]] = defaultdict(list)
+                for r in init:
+                    if r["task"] == task:
+                        runs[r["variant"]].append(r["adapter_params_end"])
+                sizes = {name: statistics.mean(values) for name, values in runs.items()}
+                cells = [_size_cell(runs[f"{variant}_r{r}"]) if f"{variant}_r{r}" in sizes else "" for r in INIT_RANKS]
                 mine = [sizes[f"{variant}_r{r}"] for r in INIT_RANKS if f"{variant}_r{r}" in sizes]
-                spread = ""
-                if len(mine) == len(INIT_RANKS):
-                    mean = statistics.mean(mine)
-                    spread = f"{max(abs(v - mean) for v in mine) / mean:.1%}"
+                spread = _spread(mine) if len(mine) == len(INIT_RANKS) else ""
                 name = f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}"
-                lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} |")
+                seeds = [r["adapter_params_end"] for r in tests if r["variant"] == variant and r["task"] == task]
+                noise = _spread(seeds) if len(seeds) > 1 else ""
+                lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} | {noise} |")
         lines += [""]
     if ablation:
         lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
@@ -605,6 +642,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--variants", nargs="+", help="only these variants (ablation: step rules; init_rank: <variant>_rN)"
     )
     parser.add_argument("--lrs", nargs="+", type=float, help="only runs at these learning rates")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, choices=SEEDS, help="only these seeds (init_rank: run them for every variant)"
+    )
     args = parser.parse_args(argv)
     results = Path(args.results_dir)
     if args.smoke and results.resolve() == RESULTS.resolve():
@@ -615,7 +655,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for phase in phases:
         variants = tuple(args.variants) if args.variants else None
         lrs = tuple(args.lrs) if args.lrs else None
-        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants, lrs)
+        seeds = tuple(args.seeds) if args.seeds else None
+        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants, lrs, seeds)
     if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
         report = markdown(results)

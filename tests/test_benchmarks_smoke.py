@@ -143,11 +143,20 @@ def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tm
     lrs = {run.variant.rsplit("_r", 1)[0]: run.lr for run in suite.planned_runs("init_rank", tmp_path)}
     assert lrs[variant] == grid[2] and lrs[suite.DEFAULT_VARIANT] == grid[1]
     assert lrs["coefficient"] == grid[1]  # no complete grid of its own: GeoLoRA's chosen lr
+    seeds = {(run.variant.rsplit("_r", 1)[0], run.seed) for run in suite.planned_runs("init_rank", tmp_path)}
+    assert {seed for v, seed in seeds if v == suite.DEFAULT_VARIANT} == set(suite.SEEDS)  # one run's size is noisy
+    assert {seed for v, seed in seeds if v == variant} == {0}
+    assert {run.seed for run in suite.planned_runs("init_rank", tmp_path, seeds=(2,))} == {2}
     aug = "optimizer_mean_growth_aug"
     _ablation_grid(tmp_path, aug, best=3)
     test_lrs = {(run.variant, run.lr) for run in suite.planned_runs("test", tmp_path) if run.method == "geolora"}
     # the previous defaults: no grid of their own here, so GeoLoRA's chosen lr
-    previous = ("optimizer_mean_growth0.1_tau0.4_auto", "optimizer_mean_growth0.1_tau0.4", "optimizer_mean_growth")
+    previous = (
+        "optimizer_mean_growth0.1_tau0.4_auto_rel1",
+        "optimizer_mean_growth0.1_tau0.4_auto",
+        "optimizer_mean_growth0.1_tau0.4",
+        "optimizer_mean_growth",
+    )
     assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), *((p, grid[1]) for p in previous), (aug, grid[3])}
     suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
     assert suite.variant_lr(variant, tmp_path) is None

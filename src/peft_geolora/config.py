@@ -58,10 +58,11 @@ class GeoLoraConfig(PeftConfig):
         },
     )
     min_rank: int = field(default=1, metadata={"help": "Smallest rank a layer keeps after truncation (>= 1)."})
-    # 0.4 with the default step rule and growth test (growth_tol=0.1): on the suite's tasks it keeps about half of
-    # LoRA r=8's parameters; with step_rule="coefficient" 0.15 does (README, "Choosing the defaults").
+    # 0.5 with the default step rule and growth test (growth_tol=0.1): on the suite's tasks it keeps about 42 % of
+    # LoRA r=8's parameters (0.4: 52 %); with step_rule="coefficient" 0.15 keeps about half (README, "Choosing the
+    # defaults").
     tau: float = field(
-        default=0.4,
+        default=0.5,
         metadata={
             "help": "Relative truncation tolerance in [0, 1): keep the smallest rank r1 with "
             "||sigma[r1:]||_2 <= tau * ||sigma||_2. Ignored for rank decisions when `budget` is set."
