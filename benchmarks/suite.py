@@ -564,20 +564,22 @@ def markdown(results: Path) -> str:
             "| variant | task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean | seed spread |"
         )
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
-        variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: v != DEFAULT_VARIANT)
-        tests = [r for r in load(results, "test") if r["method"] == "geolora"]
+        variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: (v != DEFAULT_VARIANT, v))
+        runs: dict[tuple[str, str], list[int]] = defaultdict(list)  # (task, variant_rN) -> sizes over seeds
+        for r in init:
+            runs[(r["task"], r["variant"])].append(r["adapter_params_end"])
+        seed_sizes: dict[tuple[str, str], list[int]] = defaultdict(list)  # (task, variant) -> test sizes over seeds
+        for r in load(results, "test"):
+            if r["method"] == "geolora":
+                seed_sizes[(r["task"], r["variant"])].append(r["adapter_params_end"])
         for variant in variants:
             for task in INIT_RANK_TASKS:
-                runs: dict[str, list[int]] = defaultdict(list)
-                for r in init:
-                    if r["task"] == task:
-                        runs[r["variant"]].append(r["adapter_params_end"])
-                sizes = {name: statistics.mean(values) for name, values in runs.items()}
-                cells = [_size_cell(runs[f"{variant}_r{r}"]) if f"{variant}_r{r}" in sizes else "" for r in INIT_RANKS]
-                mine = [sizes[f"{variant}_r{r}"] for r in INIT_RANKS if f"{variant}_r{r}" in sizes]
-                spread = _spread(mine) if len(mine) == len(INIT_RANKS) else ""
+                mine = [runs.get((task, f"{variant}_r{r}"), []) for r in INIT_RANKS]
+                cells = [_size_cell(sizes) if sizes else "" for sizes in mine]
+                means = [statistics.mean(sizes) for sizes in mine if sizes]
+                spread = _spread(means) if len(means) == len(INIT_RANKS) else ""
                 name = f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}"
-                seeds = [r["adapter_params_end"] for r in tests if r["variant"] == variant and r["task"] == task]
+                seeds = seed_sizes[(task, variant)]
                 noise = _spread(seeds) if len(seeds) > 1 else ""
                 lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} | {noise} |")
         lines += [""]
