@@ -9,8 +9,10 @@ methods take turns step by step, so drift on a shared machine hits them alike. O
 included), the median, the ratios of the means, and process CPU time / wall time beside each (below 1.8 on 2
 threads the machine was contended), and the training memory each method holds at its peak (right after the
 backward pass: trainable weights, their gradients, the optimizer state and GeoLoRA's allocator
-state, its copies of the factors from before each optimizer step included, counted tensor by tensor). The
-``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side), and
+state, its copies of the factors from before each optimizer step included, counted tensor by tensor). Each step is
+also timed by its parts (forward + backward, optimizer step, allocation), and ``floors`` gives what no allocator can
+beat: the ratios with the allocation (and the optimizer step) counted as free, and the memory of the weights and
+gradients alone. The ``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side), and
 ``geolora_tau0.4_adaptive`` the previous default's tau (larger adapters). Writes ``benchmarks/results/step_cost.json``.
 """
 
@@ -40,6 +42,30 @@ from peft_geolora import GeoLoraConfig, RankAllocator  # noqa: E402
 TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
+# GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8, "adaptive" ones
+# start at 8 with room for 16; every other setting is the default.
+PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
+ADAPTIVE = {"r": 8, "max_rank": 16}
+GEOLORA = {
+    "geolora_pinned_r8_step": {**PINNED, "schedule": "step"},
+    "geolora_pinned_r8_cycle": PINNED,
+    "geolora_adaptive": ADAPTIVE,  # the default rule and settings
+    "geolora_augment_pinned_r8_cycle": {**PINNED, "basis_steps": "augment"},
+    "geolora_augment_adaptive": {**ADAPTIVE, "basis_steps": "augment"},
+    "geolora_absolute_pinned_r8_cycle": {**PINNED, "relative_step_above": None},  # without the relative step of S
+    "geolora_absolute_adaptive": {**ADAPTIVE, "relative_step_above": None},
+    "geolora_tau0.4_adaptive": {**ADAPTIVE, "tau": 0.4},
+    "geolora_coefficient_pinned_r8_cycle": {**PINNED, "step_rule": "coefficient"},
+    "geolora_coefficient_adaptive": {**ADAPTIVE, "tau": 0.15, "step_rule": "coefficient"},
+    "geolora_split_pinned_r8_cycle": {**PINNED, "step_rule": "split", "moment_init": "mean"},
+    "geolora_split_adaptive": {**ADAPTIVE, "tau": 0.15, "step_rule": "split", "moment_init": "mean"},
+}
+NAMES = ["lora_r8", *GEOLORA, "adalora"]
+# the parts of a timed step: forward and backward, optimizer.step() (GeoLoRA's pre-step hook included), and the rank
+# allocation with zero_grad (GeoLoRA's allocator.step(), AdaLoRA's update_and_allocate)
+PHASES = ("forward_backward", "optimizer_step", "allocation")
+
+
 def build(name: str, path: str, total_steps: int):
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -56,30 +82,8 @@ def build(name: str, path: str, total_steps: int):
             tfinal=min(2, total_steps // 4),
             **common,
         )
-    elif name == "geolora_pinned_r8_step":
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, schedule="step", **common)
-    elif name == "geolora_pinned_r8_cycle":
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, **common)
-    elif name == "geolora_coefficient_pinned_r8_cycle":
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="coefficient", **common)
-    elif name == "geolora_coefficient_adaptive":
-        config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="coefficient", **common)
-    elif name == "geolora_split_pinned_r8_cycle":
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, step_rule="split", moment_init="mean", **common)
-    elif name == "geolora_split_adaptive":
-        config = GeoLoraConfig(r=8, max_rank=16, tau=0.15, step_rule="split", moment_init="mean", **common)
-    elif name == "geolora_augment_pinned_r8_cycle":
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, basis_steps="augment", **common)
-    elif name == "geolora_augment_adaptive":
-        config = GeoLoraConfig(r=8, max_rank=16, basis_steps="augment", **common)
-    elif name == "geolora_absolute_pinned_r8_cycle":  # the default without the relative step of S
-        config = GeoLoraConfig(r=8, min_rank=8, max_rank=8, relative_step_above=None, **common)
-    elif name == "geolora_absolute_adaptive":
-        config = GeoLoraConfig(r=8, max_rank=16, relative_step_above=None, **common)
-    elif name == "geolora_tau0.4_adaptive":
-        config = GeoLoraConfig(r=8, max_rank=16, tau=0.4, **common)
-    else:  # geolora_adaptive: the default rule and settings
-        config = GeoLoraConfig(r=8, max_rank=16, **common)
+    else:
+        config = GeoLoraConfig(**GEOLORA[name], **common)
     model = get_peft_model(base, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -92,6 +96,30 @@ def build(name: str, path: str, total_steps: int):
     else:
         allocate = None
     return model, optimizer, allocate, allocator
+
+
+def floors(
+    pairs: list[tuple[str, str]], mean: dict[str, float], phase_ms: dict, memory: dict
+) -> dict[str, dict[str, float]]:
+    """What no allocator can beat, per compared pair (GeoLoRA variant / reference), from the measured parts.
+
+    * ``without_allocation``: the variant's forward + backward and optimizer step over the reference's whole
+      step, the ratio it would reach if its allocation cost nothing;
+    * ``forward_backward_only``: its forward + backward alone over the reference's whole step, the ratio with a
+      free optimizer step as well;
+    * ``memory_weights_and_grads``: its trainable weights and their gradients over the reference's whole training
+      memory (weights, gradients, optimizer state), the memory ratio with no optimizer or allocator state at all.
+    """
+    out = {}
+    for a, b in pairs:
+        ms = phase_ms[a]
+        reference_ms = 1e3 * mean[b]
+        out[f"{a} / {b}"] = {
+            "without_allocation": (ms["forward_backward"] + ms["optimizer_step"]) / reference_ms,
+            "forward_backward_only": ms["forward_backward"] / reference_ms,
+            "memory_weights_and_grads": (memory[a]["weights"] + memory[a]["grads"]) / memory[b]["total"],
+        }
+    return out
 
 
 def tensor_bytes(tensors) -> int:
@@ -134,46 +162,37 @@ def main(argv: list[str] | None = None) -> dict:
         batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
         batch["labels"] = torch.tensor(rows["label"])
         batches.append(batch)
-    names = [
-        "lora_r8",
-        "geolora_pinned_r8_step",
-        "geolora_pinned_r8_cycle",
-        "geolora_adaptive",
-        "geolora_augment_pinned_r8_cycle",
-        "geolora_augment_adaptive",
-        "geolora_absolute_pinned_r8_cycle",
-        "geolora_absolute_adaptive",
-        "geolora_tau0.4_adaptive",
-        "geolora_coefficient_pinned_r8_cycle",
-        "geolora_coefficient_adaptive",
-        "geolora_split_pinned_r8_cycle",
-        "geolora_split_adaptive",
-        "adalora",
-    ]
+    names = NAMES
     setups = {name: build(name, path, steps + warmup) for name in names}
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
+    phases = {name: {phase: [] for phase in PHASES} for name in names}
     memory = {name: {} for name in names}
     for step, batch in enumerate(batches):
         for name, (model, optimizer, allocate, allocator) in setups.items():  # the methods take turns
-            w0, c0 = time.perf_counter(), time.process_time()
+            c0, w0 = time.process_time(), time.perf_counter()
             model(**batch).loss.backward()
-            if step >= warmup:
-                w1 = time.perf_counter()
-                peak = training_memory(model, optimizer, allocator)  # not timed
+            c1, w1 = time.process_time(), time.perf_counter()
+            if step >= warmup:  # not timed
+                peak = training_memory(model, optimizer, allocator)
                 memory[name] = max(memory[name], peak, key=lambda m: m.get("total", 0))
-                w0 += time.perf_counter() - w1
+            c2, w2 = time.process_time(), time.perf_counter()
             optimizer.step()
+            w3 = time.perf_counter()
             if allocate is not None:
                 allocate(step) if name == "adalora" else allocate()
             optimizer.zero_grad()
+            c4, w4 = time.process_time(), time.perf_counter()
             if step >= warmup:
-                wall[name].append(time.perf_counter() - w0)
-                cpu[name].append(time.process_time() - c0)
+                for phase, seconds in zip(PHASES, (w1 - w0, w3 - w2, w4 - w3)):
+                    phases[name][phase].append(seconds)
+                wall[name].append(w1 - w0 + w4 - w2)
+                cpu[name].append(c1 - c0 + c4 - c2)
     median = {name: statistics.median(wall[name]) for name in names}
     # the mean is the cost per step of a whole run: it includes the periodic steps (GeoLoRA's truncations every
     # cycle_length + 1 steps, AdaLoRA's budget updates) that the median leaves out
     mean = {name: statistics.mean(wall[name]) for name in names}
+    phase_ms = {name: {p: 1e3 * statistics.mean(phases[name][p]) for p in PHASES} for name in names}
     pairs = [(name, "lora_r8") for name in names if name.startswith("geolora") and "pinned" in name]
     pairs += [(name, "adalora") for name in names if name.startswith("geolora") and name.endswith("adaptive")]
     result = {
@@ -191,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "ratios": {f"{a} / {b}": mean[a] / mean[b] for a, b in pairs},
         "ratios_of_medians": {f"{a} / {b}": median[a] / median[b] for a, b in pairs},
+        "phase_ms": phase_ms,
+        "floors": floors(pairs, mean, phase_ms, memory),
     }
     print(json.dumps(result, indent=2))
     if not args.smoke:

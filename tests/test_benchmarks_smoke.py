@@ -33,6 +33,15 @@ def test_step_cost_and_allocation_overhead_smoke() -> None:
     cost = step_cost.main(["--smoke"])
     assert set(cost["ratios"]) >= {"geolora_pinned_r8_step / lora_r8", "geolora_adaptive / adalora"}
     assert all(v > 0 for v in cost["median_step_s"].values())
+    # the parts add up to the timed step, and each floor leaves out more than the one before
+    for name, parts in cost["phase_ms"].items():
+        assert set(parts) == set(step_cost.PHASES) and all(ms > 0 for ms in parts.values())
+        assert sum(parts.values()) == pytest.approx(1e3 * cost["mean_step_s"][name], rel=1e-6)
+    memory = cost["training_memory_bytes"]
+    for pair, floor in cost["floors"].items():
+        name, reference = pair.split(" / ")
+        assert 0 < floor["forward_backward_only"] < floor["without_allocation"] < cost["ratios"][pair]
+        assert floor["memory_weights_and_grads"] * memory[reference]["total"] < memory[name]["total"]
     overhead = alloc_overhead.main(["--smoke", "--device", "cpu"])
     assert [r["adapters"] for r in overhead["runs"]] == [12, 12]  # 6 per layer, 2 layers
     assert all(0 < r["alloc_fraction_of_step"] < 1 for r in overhead["runs"])
