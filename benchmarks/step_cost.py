@@ -12,8 +12,9 @@ backward pass: trainable weights, their gradients, the optimizer state and GeoLo
 state, its copies of the factors from before each optimizer step included, counted tensor by tensor). Each step is
 also timed by its parts (forward + backward, optimizer step, allocation), and ``floors`` gives what no allocator can
 beat: the ratios with the allocation (and the optimizer step) counted as free, and the memory of the weights and
-gradients alone. The ``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost, side by side), and
-``geolora_tau0.4_adaptive`` the previous default's tau (larger adapters). Writes ``benchmarks/results/step_cost.json``.
+gradients alone. The ``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost,
+side by side), and ``geolora_tau0.4_adaptive`` the previous default's tau (larger adapters). Writes
+``benchmarks/results/step_cost.json``.
 """
 
 from __future__ import annotations
