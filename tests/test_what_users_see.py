@@ -72,6 +72,21 @@ def test_parameter_counts_are_the_active_adapter_before_and_after_ranks_change(c
     assert trainable == allocator.num_adapter_parameters() + head
 
 
+# The evaluation that the Trainer ranks best, by construction: a metric that peaks at this step (a checkpoint in the
+# middle of the run), so which checkpoint is best never depends on the run's arithmetic (CPU, BLAS, threads).
+BEST_STEP = 21
+
+
+class _PeakAtStep:
+    """``compute_metrics`` whose ``closeness`` is ``-|global step - BEST_STEP|``: the best evaluation is BEST_STEP's."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+
+    def __call__(self, _prediction) -> dict[str, float]:
+        return {"closeness": -abs(self.trainer.state.global_step - BEST_STEP)}
+
+
 def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -86,6 +101,8 @@ def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
         save_steps=3,
         logging_steps=3,
         load_best_model_at_end=True,
+        metric_for_best_model="closeness",
+        greater_is_better=True,
         report_to=[],
         use_cpu=True,
         seed=0,
@@ -93,15 +110,18 @@ def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    # cycle schedule, cycle_length 3; scale 1, on whose run at this lr the best checkpoint is not the last
     model = _peft(target_modules=["query", "key", "value", "dense"], tau=0.3, lora_alpha=1.0)
-    return Trainer(
+    metric = _PeakAtStep()
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=classification_dataset(64),
         eval_dataset=classification_dataset(24),
+        compute_metrics=metric,
         callbacks=[GeoLoraCallback()],
     )
+    metric.trainer = trainer
+    return trainer
 
 
 def _logits(model, seed: int = 7) -> torch.Tensor:
@@ -117,10 +137,12 @@ def test_trainer_evaluates_and_saves_kept_adapters_and_ends_with_the_best_checkp
         trainer.train()
     assert not [w for w in caught if "middle of a rank cycle" in str(w.message)], "a checkpoint saved mid-cycle"
     best = Path(trainer.state.best_model_checkpoint)
-    assert best.name != "checkpoint-42", "the best checkpoint is the last one: the test would not test reloading"
+    assert best.name == f"checkpoint-{BEST_STEP}"
 
     fresh = PeftModel.from_pretrained(build("bert", seed=0)[0], str(best))
-    assert (_logits(trainer.model) - _logits(fresh)).abs().max().item() == 0.0
+    last = PeftModel.from_pretrained(build("bert", seed=0)[0], str(best.parent / "checkpoint-42"))
+    assert (_logits(last) - _logits(fresh)).abs().max().item() > 1e-3, "training after the best step changed nothing"
+    assert (_logits(trainer.model) - _logits(fresh)).abs().max().item() == 0.0, "the Trainer did not end at the best"
 
     kept_at = {
         row["step"]: row["geolora_total_rank"] for row in trainer.state.log_history if "geolora_total_rank" in row
