@@ -27,7 +27,8 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -W ignore::UserWarning
+	# one worker per core, one thread each (two 2-thread torch processes on 2 cores oversubscribe them)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -W ignore::UserWarning -n auto --dist worksteal
 
 demo: $(STAMP)
 	$(BIN)/python scripts/glue/run_glue.py --config configs/glue/rt_polarity.yaml --output_dir outputs/demo

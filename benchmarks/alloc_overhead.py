@@ -49,7 +49,14 @@ def measure(schedule: str, device: str, steps: int, smoke: bool) -> dict:
     model = AutoModelForSequenceClassification.from_config(config)
     model = get_peft_model(
         model,
-        GeoLoraConfig(task_type="SEQ_CLS", target_modules=TARGETS, r=10, max_rank=32, tau=0.1, schedule=schedule),
+        GeoLoraConfig(
+            task_type="SEQ_CLS",
+            target_modules=TARGETS,
+            r=10,
+            max_rank=32,
+            tau=0.1,
+            cycle_length=0 if schedule == "step" else 3,
+        ),
     ).to(device)
     adapters = sum(1 for m in model.modules() if hasattr(m, "geolora_U"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)

@@ -26,7 +26,7 @@ from peft_geolora import GeoLoraConfig, RankAllocator
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.tiny_models import build, inputs  # noqa: E402
+from tests.tiny_models import build, inputs
 
 
 # name → (config overrides, optimizer, lr)
@@ -39,7 +39,7 @@ CONFIGURATIONS: dict[str, tuple[dict, str, float]] = {
     "coefficient-adamw": ({"step_rule": "coefficient"}, "adamw", 2e-2),
     "budget-rank": ({"budget": 30}, "adamw", 2e-2),
     "budget-params": ({"budget": 6000, "budget_unit": "params"}, "adamw", 2e-2),
-    "schedule-step": ({"schedule": "step"}, "adamw", 2e-2),
+    "schedule-step": ({"cycle_length": 0}, "adamw", 2e-2),
     "warmup-freeze": ({"warmup_steps": 4, "freeze_step": 12}, "adamw", 2e-2),
     "tau-only": ({"growth_tol": None, "tau": 0.3}, "adamw", 2e-2),
 }

@@ -1,10 +1,10 @@
-"""Low-rank fitting under Adam and AdamW for every GeoLoRA step-rule variant, beside LoRA r = 8.
+"""Low-rank fitting under Adam and AdamW for GeoLoRA's step rules, beside LoRA r = 8.
 
     python benchmarks/rank_recovery_rules.py [--problems fine_tuning]
 
 The problems, bounds and LoRA reference of ``tests/test_rank_recovery_adam.py`` (64×48 rank 5 and 80×40 rank 4,
 singular values up to 5, or with ``--problems fine_tuning`` the same shapes at a tenth of them; 1,000 steps,
-r0 ∈ {1, 16}, lr ∈ {3e-3, 1e-2, 3e-2}, tau 0.05, max_rank 16), for each variant of the suite's ablation: the final
+r0 ∈ {1, 16}, lr ∈ {3e-3, 1e-2, 3e-2}, tau 0.05, max_rank 16), for each step rule: the final
 rank, the relative error and whether it meets ``max(2e-2, LoRA r=8's error + 1e-2)`` at the target's rank. Writes
 ``benchmarks/results/rank_recovery_rules.json`` (``rank_recovery_fine_tuning.json``), replacing the runs of the
 variants it ran and keeping the others (each variant's command is recorded).
@@ -33,47 +33,11 @@ from tests.test_rank_recovery_adam import (  # noqa: E402
 )
 
 
-# the optimizer rule as first measured (the suite's optimizer_mean_growth, the default before growth_tol 0.1); the
-# optimizer-rule variants below change one of its settings
-DEFAULT_RULE = {
-    "step_rule": "optimizer",
-    "moment_init": "mean",
-    "growth_tol": 0.2,
-    "lora_alpha": 1.0,
-    "relative_step_above": None,
-}
-# the suite's step-rule variants, without the setting the toy problems fix (tau); scale 1 and S's absolute step unless
-# given
+# the product's two step rules; the research variants that 0.2.0 removed keep their records in the JSON files (their
+# code: commit eb087f3). The default's name is the one its records carry.
 VARIANTS = {
-    "optimizer": {**DEFAULT_RULE, "moment_init": "zero", "growth_tol": None},
-    "optimizer_mean": {**DEFAULT_RULE, "growth_tol": None},
-    "optimizer_mean_growth": DEFAULT_RULE,
+    "optimizer_mean_growth0.1_auto_rel1": {},
     "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
-    "split": {"step_rule": "split", "moment_init": "mean", "growth_tol": 0.2, "lora_alpha": 1.0},
-    "optimizer_mean_growth_balanced": {**DEFAULT_RULE, "balance_bases": True},
-    "optimizer_prior_growth": {**DEFAULT_RULE, "moment_init": "prior"},
-    # the default at 8 times its scale (the suite's optimizer_mean_growth_alpha8)
-    "optimizer_mean_growth_alpha8": {**DEFAULT_RULE, "lora_alpha": 8.0},
-    # the default with longer cycles (the suite's optimizer_mean_growth_c7 and _c15)
-    "optimizer_mean_growth_c7": {**DEFAULT_RULE, "cycle_length": 7},
-    "optimizer_mean_growth_c15": {**DEFAULT_RULE, "cycle_length": 15},
-    # the default with the bases stepped only at each cycle's augmentation (the suite's optimizer_mean_growth_aug)
-    "optimizer_mean_growth_aug": {**DEFAULT_RULE, "basis_steps": "augment"},
-    # the looser growth test: the package default (the suite's optimizer_mean_growth0.1_tau0.4; tau is fixed here)
-    "optimizer_mean_growth0.1": {**DEFAULT_RULE, "growth_tol": 0.1},
-    # the package default since lora_alpha="auto" (the suite's optimizer_mean_growth0.1_tau0.4_auto): scale 5e-3 / lr
-    "optimizer_mean_growth0.1_auto": {**DEFAULT_RULE, "growth_tol": 0.1, "lora_alpha": "auto"},
-    # "auto" with S's step growing in proportion to the adapter above ||ΔW||_F = rho (relative_step_above; rho 1: the
-    # package default)
-    **{
-        f"optimizer_mean_growth0.1_auto_rel{rho:g}": {
-            **DEFAULT_RULE,
-            "growth_tol": 0.1,
-            "lora_alpha": "auto",
-            "relative_step_above": rho,
-        }
-        for rho in (0.5, 1.0, 2.0)
-    },
 }
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="trec6", choices=suite.OFFLINE_TASKS)
     parser.add_argument("--r0", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--variant", default=suite.DEFAULT_VARIANT, choices=sorted(suite.ABLATION))
+    parser.add_argument("--variant", default=suite.DEFAULT_VARIANT, choices=sorted(suite.RUNNABLE))
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--out_dir", default=str(suite.ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "task": args.task,
         "lr": lr,
         "variant": args.variant,
-        "settings": list(suite.ABLATION[args.variant]),
+        "settings": list(suite.RUNNABLE[args.variant]),
         "runs": {},
     }
     for r0 in args.r0:
-        overrides = (*suite.ABLATION[args.variant], f"geolora.r={r0}", "geolora.max_rank=32")
+        overrides = (*suite.RUNNABLE[args.variant], f"geolora.r={r0}", "geolora.max_rank=32")
         run = suite.Run("init_rank", args.task, "geolora", lr, 0, f"{args.variant}_r{r0}", overrides)
         out, command = suite.train(run, args.smoke)
         data["steps"] = out["steps"]

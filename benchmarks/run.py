@@ -10,7 +10,7 @@
 
 Every training run is ``scripts/glue/run_glue.py`` in its own process (same data order, steps, seeds and
 evaluation for every method; adapters on every Linear inside the encoder, the pooler excluded), so its peak memory
-(max RSS) is its own. Each study writes ``benchmarks/results/<study>.json`` (the command, versions, machine, every
+(max RSS) is its own; ``--smoke`` runs a one-layer model for a few steps in this process (seconds per run). Each study writes ``benchmarks/results/<study>.json`` (the command, versions, machine, every
 figure) and a PNG. Step cost and allocation overhead have their own scripts (``step_cost.py``,
 ``alloc_overhead.py``), which time the methods side by side in one process.
 """
@@ -23,9 +23,7 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,20 +38,16 @@ LONG_STEPS = 1070  # two epochs of the offline task's 8,566 training snippets at
 BUDGET = 150_000  # the budgeted initial-rank study's parameter budget (about 45 % of LoRA r=8's 331,776)
 
 
+SMOKE = ["max_steps=4", "max_train_samples=64", "validation_size=200", "num_hidden_layers=1", "batch_size=8"]
+
+
 def run(method: str, overrides: list[str], smoke: bool) -> dict[str, Any]:
-    """One training run in its own process; its results.json."""
+    """One training run (its own process; a smoke run in this one); its results.json."""
     if smoke:
-        overrides = [*overrides, "max_steps=4", "max_train_samples=64", "validation_size=200"]
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable, str(ROOT / "scripts" / "glue" / "run_glue.py"), "--config", str(CONFIG),
-            "--method", method, "--output_dir", str(Path(tmp) / "out"), "--set", *overrides,
-        ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        results = json.loads((Path(tmp) / "out" / "results.json").read_text())
+        overrides = [*overrides, *SMOKE]
+    import suite  # its run_glue: one process per run, smoke runs in this one
+
+    results, _ = suite.run_glue(["--config", str(CONFIG), "--method", method, "--set", *overrides], smoke)
     accuracy = results["metrics"]["validation"]["accuracy"]
     summary = {
         "method": method,
@@ -157,10 +151,14 @@ def study_init_rank_budget(smoke: bool) -> dict[str, Any]:
     }
 
 
+CYCLE = {"step": 0, "cycle": 3}  # the schedules' cycle_length: the paper's every-step one and the default
+
+
 def study_schedule(smoke: bool) -> dict[str, Any]:
     lr = best_lrs()["geolora"]
     runs = [
-        run("geolora", [f"lr={lr}", f"seed={seed}", f"geolora.schedule={schedule}"], smoke) | {"schedule": schedule}
+        run("geolora", [f"lr={lr}", f"seed={seed}", f"geolora.cycle_length={CYCLE[schedule]}"], smoke)
+        | {"schedule": schedule}
         for schedule in ("step", "cycle")
         for seed in (0, 1)
     ]

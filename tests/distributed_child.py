@@ -30,7 +30,7 @@ def main(out: str, step_rule: str) -> None:
     model = get_peft_model(
         model,
         GeoLoraConfig(
-            task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule
+            task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=6, tau=0.3, cycle_length=0, step_rule=step_rule
         ),
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)

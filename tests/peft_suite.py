@@ -14,13 +14,22 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
+from filelock import FileLock
+
 
 ROOT = Path(__file__).resolve().parents[1] / ".peft-tests"
 FILES = ("testing_common.py", "testing_utils.py", "test_custom_models.py")
 
 
 def ensure_peft_tests() -> Path:
-    """Unpack PEFT's test helpers once; return the folder to put on ``sys.path``."""
+    """Unpack PEFT's test helpers once (under a file lock: pytest-xdist's workers collect at the same time); return
+    the folder to put on ``sys.path``."""
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(ROOT / "fetch.lock")):
+        return _unpack()
+
+
+def _unpack() -> Path:
     package = ROOT / "peft_tests"
     peft_version = version("peft")
     stamp = package / "VERSION"

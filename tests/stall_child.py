@@ -23,7 +23,7 @@ from tests.tiny_models import build, inputs
 def main(out: str) -> None:
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=10))])
     model, targets = build("bert", seed=0)
-    model = get_peft_model(model, GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, schedule="step"))
+    model = get_peft_model(model, GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, cycle_length=0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     allocator = RankAllocator(model, optimizer)

@@ -56,17 +56,17 @@ def _two_layer_model(**config):
     return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], **config))
 
 
-@pytest.mark.parametrize("schedule", ["step", "cycle"])
-def test_global_budget_matches_known_needs(schedule: str) -> None:
+@pytest.mark.parametrize("cycle_length", [0, 1])
+def test_global_budget_matches_known_needs(cycle_length: int) -> None:
     """Targets of rank 6 and 2 under a budget of 8 singular values: the allocation matches the needs."""
-    model = _two_layer_model(budget=8, schedule=schedule, cycle_length=1)
+    model = _two_layer_model(budget=8, cycle_length=cycle_length)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     allocator = RankAllocator(model, optimizer)
     totals = []
 
     def record() -> None:
-        if schedule == "step" or allocator.num_steps % 2 == 0:  # right after a truncation
+        if cycle_length == 0 or allocator.num_steps % 2 == 0:  # right after a truncation
             totals.append(allocator.total_rank())
 
     _fit(model, targets, allocator, optimizer, steps=200, after_step=record)
@@ -75,7 +75,7 @@ def test_global_budget_matches_known_needs(schedule: str) -> None:
 
 
 def test_parameter_budget_is_respected() -> None:
-    model = _two_layer_model(budget=300, budget_unit="params", schedule="step")
+    model = _two_layer_model(budget=300, budget_unit="params", cycle_length=0)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     allocator = RankAllocator(model, optimizer)
@@ -85,7 +85,7 @@ def test_parameter_budget_is_respected() -> None:
 
 
 def test_budget_below_the_rank_floors_is_refused() -> None:
-    model = _two_layer_model(budget=5, min_rank=3, r=3, schedule="step")
+    model = _two_layer_model(budget=5, min_rank=3, r=3, cycle_length=0)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     with pytest.raises(ValueError, match=r"`budget` must be >= 6 singular values .* got 5"):
         RankAllocator(model, optimizer)
@@ -94,7 +94,7 @@ def test_budget_below_the_rank_floors_is_refused() -> None:
 
 
 def test_warmup_and_freeze_fix_the_ranks() -> None:
-    model = _two_layer_model(schedule="step", warmup_steps=5, freeze_step=12, tau=0.01)
+    model = _two_layer_model(cycle_length=0, warmup_steps=5, freeze_step=12, tau=0.01)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     allocator = RankAllocator(model, optimizer)
@@ -110,11 +110,10 @@ def test_warmup_and_freeze_fix_the_ranks() -> None:
 @pytest.mark.parametrize(
     "settings",
     [
-        {"schedule": "step", "step_rule": "coefficient"},
-        {"schedule": "step", "step_rule": "optimizer"},
-        {"schedule": "step", "step_rule": "split"},
-        # the non-finite step is an S-only step of a cycle (the 4th), on which the optimizer does not step the bases
-        {"schedule": "cycle", "step_rule": "optimizer", "basis_steps": "augment"},
+        {"cycle_length": 0, "step_rule": "coefficient"},
+        {"cycle_length": 0, "step_rule": "optimizer"},
+        # the non-finite step is an S-only step of a cycle (the 4th)
+        {"step_rule": "optimizer"},
     ],
 )
 def test_non_finite_step_is_undone_bit_for_bit(settings: dict) -> None:
@@ -143,7 +142,7 @@ def test_non_finite_step_is_undone_bit_for_bit(settings: dict) -> None:
         assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state_before[i].items())
     assert allocator.ranks() == ranks_before
     if step_rule == "coefficient":
-        saved, now = allocator_before["coefficient"], allocator.state_dict()["coefficient"]
+        saved, now = allocator_before["rule"], allocator.state_dict()["rule"]
         assert saved["num_steps"] == now["num_steps"]
         assert all(torch.equal(saved["tensors"][k], now["tensors"][k]) for k in saved["tensors"])
     _fit(model, targets, allocator, optimizer, steps=3)  # the run continues
@@ -154,19 +153,18 @@ def _basis_flags(model) -> set[bool]:
     return {m.basis_gradients["default"] for m in model.modules() if hasattr(m, "basis_gradients")}
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "split"])
-def test_skipping_the_basis_gradients_on_s_only_steps_changes_nothing(step_rule: str) -> None:
-    """The coefficient and split rules read the K- and L-gradients only at a cycle's augmentation: the layers skip
-    them on the other steps, and the run is bit for bit the one that computes them at every step."""
+def test_skipping_the_basis_gradients_on_s_only_steps_changes_nothing() -> None:
+    """The coefficient rule reads the K- and L-gradients only at a cycle's augmentation: the layers skip them on the
+    other steps, and the run is bit for bit the one that computes them at every step."""
 
     def run(skip: bool) -> tuple[list[torch.Tensor], list[set[bool]]]:
-        model = _two_layer_model(step_rule=step_rule)
+        model = _two_layer_model(step_rule="coefficient")
         targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-2)
         allocator = RankAllocator(model, optimizer)
         if not skip:
-            allocator._steps_bases = lambda: True
+            allocator.rule.steps_bases = lambda schedule: True
             allocator._announce_next_step()
         flags = [_basis_flags(model)]
         _fit(model, targets, allocator, optimizer, steps=14, after_step=lambda: flags.append(_basis_flags(model)))
@@ -179,19 +177,17 @@ def test_skipping_the_basis_gradients_on_s_only_steps_changes_nothing(step_rule:
     assert all(torch.equal(a, b) for a, b in zip(skipped, computed))
 
 
-@pytest.mark.parametrize("basis_steps", ["every", "augment"])
-def test_basis_steps_says_when_the_optimizer_steps_the_bases(basis_steps: str) -> None:
-    """Optimizer rule: ``basis_steps="augment"`` has the optimizer step U and V only at each cycle's augmentation
-    (their Adam step count is the number of cycles), "every" at every step; S is stepped at every step."""
-    model = _two_layer_model(basis_steps=basis_steps, tau=0.1)
+def test_the_optimizer_steps_the_bases_at_every_step() -> None:
+    """Default rule: the optimizer steps U, S and V at every step (their Adam step counts agree), and the fit of a
+    rank-6 and a rank-2 target recovers both ranks with orthonormal bases."""
+    model = _two_layer_model(tau=0.1)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     allocator = RankAllocator(model, optimizer)
     _fit(model, targets, allocator, optimizer, steps=200)
     layer = model.base_model.model.a
     U, S = layer.geolora_U["default"], layer.geolora_S["default"]
-    assert int(optimizer.state[S]["step"]) == 200
-    assert int(optimizer.state[U]["step"]) == (50 if basis_steps == "augment" else 200)
+    assert int(optimizer.state[S]["step"]) == int(optimizer.state[U]["step"]) == 200
     allocator.finish()
     assert allocator.ranks() == {"base_model.model.a": 6, "base_model.model.b": 2}
     error = torch.linalg.norm(layer.get_delta_weight("default") - targets[0]) / torch.linalg.norm(targets[0])
@@ -200,7 +196,7 @@ def test_basis_steps_says_when_the_optimizer_steps_the_bases(basis_steps: str) -
 
 
 def test_step_skipped_by_the_grad_scaler_is_skipped() -> None:
-    model = _two_layer_model(schedule="step")
+    model = _two_layer_model(cycle_length=0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
     allocator = RankAllocator(model, optimizer)
@@ -236,10 +232,10 @@ def test_missing_allocator_warns_once_with_the_fix() -> None:
     assert "RankAllocator(model, optimizer)" in messages[0] and "allocator.step()" in messages[0]
 
 
-@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer", "split"])
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
 def test_weight_decay_on_the_bases_keeps_them_orthonormal(step_rule: str) -> None:
     """The Trainer's AdamW decays U and V too: only the part of the move orthogonal to the bases counts."""
-    model = _two_layer_model(schedule="step", step_rule=step_rule)
+    model = _two_layer_model(cycle_length=0, step_rule=step_rule)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
     allocator = RankAllocator(model, optimizer)
@@ -252,7 +248,7 @@ def test_weight_decay_on_the_bases_keeps_them_orthonormal(step_rule: str) -> Non
 
 def test_coefficient_rule_leaves_the_factors_out_of_the_optimizer() -> None:
     """The optimizer steps the rest of the model and keeps no state for U, S, V; their grads are consumed."""
-    model = _two_layer_model(schedule="cycle", cycle_length=2, step_rule="coefficient")
+    model = _two_layer_model(cycle_length=2, step_rule="coefficient")
     head = nn.Parameter(torch.ones(3))
     factors = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([*factors, head], lr=1e-2, weight_decay=0.1)
@@ -264,12 +260,12 @@ def test_coefficient_rule_leaves_the_factors_out_of_the_optimizer() -> None:
     optimizer.step()  # the optimizer still steps what is not an adapter factor
     allocator.step()
     assert head.detach().lt(1).all() and head in optimizer.state
-    assert allocator.state_dict()["coefficient"]["num_steps"] == 8
+    assert allocator.state_dict()["rule"]["num_steps"] == 8
 
 
 def test_coefficient_moment_follows_the_truncation() -> None:
     """The first moment, seen as the matrix Û M V̂ᵀ, is carried exactly onto the kept directions (projected)."""
-    model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, max_rank=4, step_rule="coefficient")
+    model = _two_layer_model(cycle_length=3, tau=0.2, max_rank=4, step_rule="coefficient")
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     allocator = RankAllocator(model, optimizer)
@@ -277,7 +273,7 @@ def test_coefficient_moment_follows_the_truncation() -> None:
     assert allocator.is_augmented()
     layer = model.base_model.model.a
     index = [a.layer for a in allocator.adapters].index(layer)
-    state = allocator._coefficients
+    state = allocator.rule.state
     r = layer.rank["default"]
     U, _, V = (t.detach().clone() for t in layer.active_factors("default"))
     before = U @ state.exp_avg[index][:r, :r] @ V.T  # (m, n)
@@ -291,7 +287,7 @@ def test_coefficient_moment_follows_the_truncation() -> None:
 
 def test_optimizer_state_follows_the_rotation() -> None:
     """step_rule="optimizer": momentum of S, seen as the matrix U m_S Vᵀ, is carried into the new bases."""
-    model = _two_layer_model(schedule="step", tau=0.0, step_rule="optimizer")
+    model = _two_layer_model(cycle_length=0, tau=0.0, step_rule="optimizer")
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     allocator = RankAllocator(model, optimizer)
@@ -344,7 +340,7 @@ def test_update_and_allocate_steps_the_attached_allocator() -> None:
 
 
 def test_finish_closes_an_open_cycle_and_history_keeps_only_kept_ranks() -> None:
-    model = _two_layer_model(schedule="cycle", cycle_length=3, max_rank=4)
+    model = _two_layer_model(cycle_length=3, max_rank=4)
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     allocator = RankAllocator(model, optimizer)
@@ -360,10 +356,10 @@ def test_finish_closes_an_open_cycle_and_history_keeps_only_kept_ranks() -> None
             assert torch.equal(S, torch.diag(torch.diagonal(S)))  # truncated: diagonal again
 
 
-def test_split_rule_leaves_the_bases_out_of_the_optimizer_and_steps_s_with_it() -> None:
-    """Split rule: U and V get no optimizer state and no weight decay; S is stepped (and decayed) by the optimizer;
-    with ``moment_init="mean"`` the new coefficients' second moments start at the layer's mean, not at zero."""
-    model = _two_layer_model(schedule="cycle", cycle_length=2, step_rule="split", moment_init="mean")
+def test_new_coefficients_start_at_the_layers_mean_second_moment() -> None:
+    """Default rule: at an augmentation the optimizer's second moments of the new coefficients start at the mean of
+    the kept block, not at zero (a zero would make Adam's first step of each ±lr whatever its gradient)."""
+    model = _two_layer_model(cycle_length=2)
     factors = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(factors, lr=1e-2, weight_decay=0.1)
     allocator = RankAllocator(model, optimizer)
@@ -371,8 +367,7 @@ def test_split_rule_leaves_the_bases_out_of_the_optimizer_and_steps_s_with_it() 
     _fit(model, targets, allocator, optimizer, steps=4)  # the first step of the second cycle: just augmented
     assert allocator.is_augmented()
     layer = model.base_model.model.a
-    for U, S, V in [(layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"])]:
-        assert U not in optimizer.state and V not in optimizer.state
+    for S in [layer.geolora_S["default"]]:
         square = optimizer.state[S]["exp_avg_sq"]
         kept = next(k for name, k in allocator.ranks(kept=True).items() if name.endswith(".a"))
         r = layer.rank["default"]
@@ -383,12 +378,12 @@ def test_split_rule_leaves_the_bases_out_of_the_optimizer_and_steps_s_with_it() 
         assert orthonormality_error(layer.active_factors("default")[0].detach()) < 1e-6
 
 
-def test_split_rule_resumes_mid_cycle_exactly() -> None:
+def test_default_rule_resumes_mid_cycle_exactly() -> None:
     """Model, optimizer and allocator state taken in the middle of a cycle continue exactly (cycle start included)."""
     targets = (_low_rank(32, 24, 6, 1), _low_rank(32, 24, 2, 2))
 
     def build():
-        model = _two_layer_model(schedule="cycle", cycle_length=3, tau=0.2, step_rule="split", moment_init="mean")
+        model = _two_layer_model(cycle_length=3, tau=0.2)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
         return model, optimizer, RankAllocator(model, optimizer)
 
@@ -401,18 +396,17 @@ def test_split_rule_resumes_mid_cycle_exactly() -> None:
     model2.load_state_dict(saved[0])  # the rank buffers come with it
     optimizer2.load_state_dict(saved[1])
     allocator2.load_state_dict(saved[2])
-    restored = allocator2.state_dict()["coefficient"]["tensors"]
-    assert all(torch.equal(v, restored[k]) for k, v in saved[2]["coefficient"]["tensors"].items())
+    restored = allocator2.state_dict()["rule"]["tensors"]
+    assert all(torch.equal(v, restored[k]) for k, v in saved[2]["rule"]["tensors"].items())
     _fit(model2, targets, allocator2, optimizer2, steps=10)
     assert allocator2.ranks() == allocator.ranks() and allocator2.rank_history() == allocator.rank_history()
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("seed", [False, True])
-def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
-    """Augmentation from rank r: first moments of the new entries start at zero; second moments at zero, or (seeded)
-    at the mean of the established ones: per row of U and V, over S's active block."""
+def test_pad_state_seeds_the_new_directions() -> None:
+    """Augmentation from rank r: first moments of the new entries start at zero, second moments at the mean of the
+    established ones: per row of U and V, over S's active block."""
     from peft_geolora import optimizer_state
 
     torch.manual_seed(0)
@@ -425,15 +419,15 @@ def test_pad_state_zeroes_or_seeds_the_new_directions(seed: bool) -> None:
             "exp_avg_sq": torch.rand(p.shape),
         }
     before = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in (U, S, V)}
-    optimizer_state.pad_state(optimizer, U, S, V, 2, seed_second_moments=seed)
+    optimizer_state.pad_state(optimizer, U, S, V, 2)
     for p in (U, V):
         old, new = before[id(p)], optimizer.state[p]
         assert torch.equal(new["exp_avg"][:, :2], old["exp_avg"][:, :2]) and new["exp_avg"][:, 2:].abs().max() == 0
-        expected = old["exp_avg_sq"][:, :2].mean(1, keepdim=True).expand(-1, 2) if seed else torch.zeros(p.shape[0], 2)
+        expected = old["exp_avg_sq"][:, :2].mean(1, keepdim=True).expand(-1, 2)
         torch.testing.assert_close(new["exp_avg_sq"][:, 2:], expected)
     old, new = before[id(S)], optimizer.state[S]
     assert torch.equal(new["exp_avg_sq"][:2, :2], old["exp_avg_sq"][:2, :2])
-    fill = old["exp_avg_sq"][:2, :2].mean() if seed else 0.0
+    fill = old["exp_avg_sq"][:2, :2].mean()
     assert torch.all(new["exp_avg_sq"][2:, :] == fill) and torch.all(new["exp_avg_sq"][:, 2:] == fill)
     assert new["exp_avg"][2:, :].abs().max() == 0 and new["exp_avg"][:, 2:].abs().max() == 0
 
@@ -480,12 +474,9 @@ def test_rotate_states_matches_the_dense_maps_per_adapter():
     assert warnings == ["state:other"] * 3
 
 
-@pytest.mark.parametrize(
-    "step_rule, balance_bases",
-    [("coefficient", False), ("optimizer", False), ("optimizer", True), ("split", False)],
-)
-def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: str, balance_bases: bool) -> None:
-    """With SGD (no momentum) and augment + truncate every step, keeping every value, all three rules take Algorithm
+@pytest.mark.parametrize("step_rule", ["coefficient", "optimizer"])
+def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: str) -> None:
+    """With SGD (no momentum) and augment + truncate every step, keeping every value, both rules take Algorithm
     1's step: ``W ← W − λ P_T(G)`` with ``P_T(G) = U Uᵀ G + G V Vᵀ − U Uᵀ G V Vᵀ`` (fp64, to 1e-10)."""
     from .helpers import adapter_matrix, geolora_dense
 
@@ -498,9 +489,8 @@ def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: st
         r=r,
         max_rank=6,
         tau=0.0,
-        schedule="step",
+        cycle_length=0,
         step_rule=step_rule,
-        balance_bases=balance_bases,
     )
     with torch.no_grad():  # bases orthonormal in fp64 (they are initialised in fp32), a full S
         for factor in (layer.geolora_U["default"], layer.geolora_V["default"]):
@@ -520,89 +510,6 @@ def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: st
     assert layer.rank["default"] == 2 * r  # both sides gained r new directions, and tau = 0 keeps them
 
 
-def test_balanced_bases_scale_the_new_directions_weight_under_adam_only() -> None:
-    """``balance_bases`` under Adam: the same augmented bases, S's block unchanged, and the new-direction blocks of
-    Ŝ = [[S⁺, dVᵀ Ṽ], [Ũᵀ dU, 0]] scaled by √(r/m) (lower left) and √(r/n) (upper right)."""
-    from .helpers import geolora_dense
-
-    m, n, r = 12, 9, 3
-    results = []
-    for balance in (False, True):
-        torch.manual_seed(0)
-        model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, balance_bases=balance)
-        with torch.no_grad():
-            layer.geolora_S["default"][:r, :r] = torch.randn(r, r, dtype=torch.float64)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        allocator = RankAllocator(model, optimizer)
-        (model(torch.randn(4, n, dtype=torch.float64)) ** 2).sum().backward()
-        optimizer.step()
-        allocator.step()  # the first step of a cycle: augmented, not truncated
-        assert allocator.is_augmented() and layer.rank["default"] == 2 * r
-        results.append([t.detach().clone() for t in layer.active_factors("default")])
-    (U0, S0, V0), (U1, S1, V1) = results
-    torch.testing.assert_close(U1, U0, atol=1e-12, rtol=0)
-    torch.testing.assert_close(V1, V0, atol=1e-12, rtol=0)
-    torch.testing.assert_close(S1[:r, :r], S0[:r, :r], atol=1e-12, rtol=0)
-    torch.testing.assert_close(S1[r:, :r], S0[r:, :r] * (r / m) ** 0.5, atol=1e-12, rtol=0)
-    torch.testing.assert_close(S1[:r, r:], S0[:r, r:] * (r / n) ** 0.5, atol=1e-12, rtol=0)
-    assert S0[r:, :r].abs().max() > 1e-3 and S0[:r, r:].abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
-def test_prior_moments_make_the_first_step_proportional_to_the_gradient(optimizer_class) -> None:
-    """``moment_init="prior"``: the factors' first Adam step is ``-λ g / √(g² + mean g²)`` (per row of U and V, over
-    S's active block) instead of ``-λ sign(g)``; the inactive capacity stays zero in the factors and the state."""
-    lr, r = 1e-2, 4
-    model = _two_layer_model(moment_init="prior", schedule="cycle", cycle_length=3)
-    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    allocator = RankAllocator(model, optimizer)
-    layer = model.base_model.model.a
-    U, S, V = (getattr(layer, f"geolora_{f}")["default"] for f in "USV")
-    eye = torch.eye(24)
-    ya, yb = model(eye)
-    target = _low_rank(32, 24, 3, 1)
-    (0.5 * ((ya - target.T).square().sum() + yb.square().sum())).backward()
-    gS, gU, gV = S.grad[:r, :r].clone(), U.grad[:, :r].clone(), V.grad[:, :r].clone()
-    S0, U0, V0 = S.detach().clone(), U.detach().clone(), V.detach().clone()
-    optimizer.step()
-    expected_S = -lr * gS / (gS.square() + gS.square().mean()).sqrt()
-    torch.testing.assert_close(S.detach()[:r, :r] - S0[:r, :r], expected_S, rtol=1e-4, atol=1e-7)
-    expected_U = -lr * gU / (gU.square() + gU.square().mean(dim=1, keepdim=True)).sqrt()
-    torch.testing.assert_close(U.detach()[:, :r] - U0[:, :r], expected_U, rtol=1e-4, atol=1e-7)
-    expected_V = -lr * gV / (gV.square() + gV.square().mean(dim=1, keepdim=True)).sqrt()
-    torch.testing.assert_close(V.detach()[:, :r] - V0[:, :r], expected_V, rtol=1e-4, atol=1e-7)
-    assert not (expected_S.abs() / lr > 0.999).all()  # not Adam's sign step
-    assert (optimizer.state[S]["exp_avg_sq"][r:] == 0).all() and (optimizer.state[U]["exp_avg_sq"][:, r:] == 0).all()
-    allocator.step()
-    optimizer.zero_grad()
-    # the prior is written once: the second step continues the optimizer's own second moment
-    v1 = optimizer.state[S]["exp_avg_sq"].clone()
-    ya, yb = model(eye)
-    (0.5 * ((ya - target.T).square().sum() + yb.square().sum())).backward()
-    g2 = S.grad.clone()
-    optimizer.step()
-    torch.testing.assert_close(optimizer.state[S]["exp_avg_sq"], 0.999 * v1 + 0.001 * g2.square())
-    allocator.step()
-
-
-def test_prior_moments_leave_other_optimizers_alone() -> None:
-    """SGD (no second moments) is stepped exactly as without the prior."""
-    results = []
-    for moment_init in ("mean", "prior"):
-        model = _two_layer_model(moment_init=moment_init)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
-        allocator = RankAllocator(model, optimizer)
-        _fit(model, (_low_rank(32, 24, 3, 1), _low_rank(32, 24, 2, 2)), allocator, optimizer, steps=6)
-        results.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
-def test_moment_init_is_validated() -> None:
-    with pytest.raises(ValueError, match="'zero', 'mean' or 'prior'"):
-        GeoLoraConfig(moment_init="first")
-
-
 @pytest.mark.parametrize(
     "optimizer_class, options",
     [
@@ -611,19 +518,20 @@ def test_moment_init_is_validated() -> None:
         (torch.optim.SGD, {"momentum": 0.9}),
     ],
 )
-def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, options) -> None:
-    """``relative_step_above`` = ρ: after an Adam-family step, the kept block of S is ``d S₀ + g (S⁺ − d S₀)`` with
+def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, options, monkeypatch) -> None:
+    """The relative step above ρ (``optimizer_rule.RELATIVE_STEP_ABOVE``, here 0.5 against ∞ for none): after an Adam-family step, the kept block of S is ``d S₀ + g (S⁺ − d S₀)`` with
     ``g = ‖s S₀‖_F / ρ`` and ``d = 1 − lr · wd`` for AdamW's decoupled decay (the decay itself is not scaled); the
     bases' moves are untouched; an SGD step (already proportional to the gradient) is left exactly as it was."""
+    from peft_geolora import optimizer_rule
+
     from .helpers import geolora_dense
 
     m, n, r, lr, rho, s = 12, 9, 3, 1e-2, 0.5, 0.8
     results = []
-    for relative in (None, rho):
+    for relative in (float("inf"), rho):
+        monkeypatch.setattr(optimizer_rule, "RELATIVE_STEP_ABOVE", relative)
         torch.manual_seed(0)
-        model, layer = geolora_dense(
-            m, n, torch.float64, r=r, max_rank=6, tau=0.0, lora_alpha=s, relative_step_above=relative
-        )
+        model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, lora_alpha=s)
         with torch.no_grad():
             layer.geolora_S["default"][:r, :r] = 2 * torch.randn(r, r, dtype=torch.float64)
         S_before = layer.geolora_S["default"][:r, :r].detach().clone()
@@ -645,10 +553,3 @@ def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, option
     assert gain > 5
     expected = kept * S_before + gain * (S0[:r, :r] - kept * S_before)
     torch.testing.assert_close(S1[:r, :r], expected, atol=1e-12, rtol=1e-12)
-
-
-def test_relative_step_above_is_validated() -> None:
-    with pytest.raises(ValueError, match="relative_step_above"):
-        GeoLoraConfig(target_modules=["a"], relative_step_above=0)
-    with pytest.raises(ValueError, match="relative_step_above"):
-        GeoLoraConfig(target_modules=["a"], relative_step_above="big")

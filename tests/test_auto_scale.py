@@ -77,7 +77,7 @@ def test_the_scale_comes_from_the_peak_learning_rate_and_is_saved_for_good(tmp_p
     assert _scales(loaded) == {expected}
 
 
-def test_one_cycle_reads_its_maximum_and_sgd_and_the_split_rule_keep_scale_one() -> None:
+def test_one_cycle_reads_its_maximum_and_sgd_keeps_scale_one() -> None:
     model = _bert()  # "auto" is the default
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-2, total_steps=100)  # starts at 2e-2 / 25
@@ -87,10 +87,6 @@ def test_one_cycle_reads_its_maximum_and_sgd_and_the_split_rule_keep_scale_one()
     model = _bert()
     RankAllocator(model, torch.optim.SGD(model.parameters(), lr=1e-2))
     assert _scales(model) == {1.0} and model.peft_config["default"].scaling == 1.0
-
-    model = _bert(step_rule="split")  # its new directions are a plain gradient step: lr · s² whatever the optimizer
-    RankAllocator(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    assert _scales(model) == {1.0}
 
 
 def test_a_zero_learning_rate_is_refused_clearly() -> None:

@@ -77,19 +77,21 @@ def test_initial_rank_study_smoke_records_trajectories(tmp_path) -> None:
     assert [r["r0"] for r in data["runs"]] == [1, 8, 32]
     for r in data["runs"]:
         trajectory = r["total_rank_by_step"]
-        assert trajectory[0] == [0, 36 * r["r0"]]  # 36 adapted layers at the initial rank
+        assert trajectory[0] == [0, 6 * r["r0"]]  # the smoke model's 6 adapted layers at the initial rank
         assert trajectory[-1][1] == sum(r["ranks"].values())
     assert data["params_max_over_min"] >= 1 and (tmp_path / "init_rank_long.png").is_file()
 
 
 @pytest.mark.slow
 def test_suite_smoke_runs_every_task_and_method(tmp_path) -> None:
-    """A one-layer MiniLM, two steps per run: every offline task with every method, the JSONs and the report."""
+    """A one-layer MiniLM, two steps per run: every method on one task and GeoLoRA on every offline task, the JSONs
+    and the report."""
     import suite
 
     suite.main(["--smoke", "--results_dir", str(tmp_path)])
     records = [json.loads(p.read_text()) for p in (tmp_path / "test").glob("*.json")]
-    assert {(r["task"], r["method"]) for r in records} == {(t, m) for t in suite.OFFLINE_TASKS for m in suite.METHODS}
+    assert {(r["task"], r["method"]) for r in records} == {(t, m) for m, t in suite.SMOKE_RUNS}
+    assert {r["task"] for r in records} == set(suite.OFFLINE_TASKS) and {r["method"] for r in records} == set(suite.METHODS)
     for r in records:
         assert set(r["metrics"]) == {"validation", "test"} and r["smoke"]
         assert r["adapter_params_end"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and r["command"]
@@ -139,9 +141,11 @@ def _ablation_grid(tmp_path, variant: str, best: int) -> None:
 
 
 def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tmp_path) -> None:
+    """Each variant runs at its own best lr once its ablation grid is complete (GeoLoRA's chosen lr before); variants
+    that need a setting 0.2.0 removed are not planned (their records stay)."""
     import suite
 
-    variant, grid = "optimizer_mean_growth_alpha8", suite.LR_GRID["geolora"]
+    variant, grid = "optimizer_mean_growth0.1_tau0.4_auto_rel1", suite.LR_GRID["geolora"]  # the previous default
     _ablation_grid(tmp_path, variant, best=2)
     for i, lr in enumerate(grid):  # GeoLoRA's own grid: the chosen lr is the second
         for task in suite.LR_TASKS:
@@ -152,23 +156,24 @@ def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tm
     lrs = {run.variant.rsplit("_r", 1)[0]: run.lr for run in suite.planned_runs("init_rank", tmp_path)}
     assert lrs[variant] == grid[2] and lrs[suite.DEFAULT_VARIANT] == grid[1]
     assert lrs["coefficient"] == grid[1]  # no complete grid of its own: GeoLoRA's chosen lr
+    assert set(lrs) == {suite.DEFAULT_VARIANT, variant, "coefficient"}  # the others need removed settings
     seeds = {(run.variant.rsplit("_r", 1)[0], run.seed) for run in suite.planned_runs("init_rank", tmp_path)}
     assert {seed for v, seed in seeds if v == suite.DEFAULT_VARIANT} == set(suite.SEEDS)  # one run's size is noisy
     assert {seed for v, seed in seeds if v == variant} == {0}
     assert {run.seed for run in suite.planned_runs("init_rank", tmp_path, seeds=(2,))} == {2}
-    aug = "optimizer_mean_growth_aug"
-    _ablation_grid(tmp_path, aug, best=3)
     test_lrs = {(run.variant, run.lr) for run in suite.planned_runs("test", tmp_path) if run.method == "geolora"}
-    # the previous defaults: no grid of their own here, so GeoLoRA's chosen lr
-    previous = (
-        "optimizer_mean_growth0.1_tau0.4_auto_rel1",
-        "optimizer_mean_growth0.1_tau0.4_auto",
-        "optimizer_mean_growth0.1_tau0.4",
-        "optimizer_mean_growth",
-    )
-    assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), *((p, grid[1]) for p in previous), (aug, grid[3])}
+    assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), (variant, grid[2])}
     suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
     assert suite.variant_lr(variant, tmp_path) is None
+
+
+def test_retired_variants_are_recognised_and_the_default_runs_as_the_package_defaults() -> None:
+    import suite
+
+    assert suite.runnable(["geolora.moment_init=zero"]) is None and suite.runnable(["geolora.step_rule=split"]) is None
+    assert suite.runnable(["geolora.moment_init=mean", "geolora.tau=0.5"]) == ("geolora.tau=0.5",)
+    assert suite.DEFAULT_VARIANT == "optimizer_mean_growth0.1_tau0.5_auto_rel1"
+    assert all("relative_step_above" not in o and "moment_init" not in o for o in suite.GEOLORA_DEFAULTS)
 
 
 def test_suite_runs_are_claimed_once_and_dead_owners_released(tmp_path) -> None:
@@ -209,9 +214,9 @@ def test_rank_trajectory_runs_an_ablation_variant_with_its_settings(tmp_path) ->
 
     if suite.chosen_lrs(suite.RESULTS).get("geolora") is None:
         pytest.skip("the committed suite results choose no GeoLoRA lr")
-    variant = "optimizer_mean_growth_aug"
+    variant = "optimizer_mean_growth0.1_tau0.4_auto_rel1"
     data = rank_trajectory.main(["--smoke", "--variant", variant, "--r0", "2", "--out_dir", str(tmp_path)])
-    assert data["variant"] == variant and data["settings"] == suite.ABLATION[variant]
-    assert "geolora.basis_steps=augment" in data["runs"]["2"]["command"]
+    assert data["variant"] == variant and tuple(data["settings"]) == suite.RUNNABLE[variant]
+    assert "geolora.tau=0.4" in data["runs"]["2"]["command"]
     suite_lr = suite.chosen_lrs(suite.RESULTS)["geolora"]
     assert data["lr"] == suite.variant_lrs([variant], suite_lr, suite.RESULTS)[variant]

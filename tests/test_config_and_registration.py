@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_registration_is_idempotent_and_survives_reload() -> None:
 
 
 def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
-    config = GeoLoraConfig(target_modules=["a", "b"], r=4, max_rank=8, budget=20, schedule="step")
+    config = GeoLoraConfig(target_modules=["a", "b"], r=4, max_rank=8, budget=20, cycle_length=0)
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GEOLORA"
     loaded = PeftConfig.from_pretrained(tmp_path)
@@ -52,8 +53,8 @@ def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
         ({"lora_alpha": "automatic"}, "lora_alpha", "'auto'"),
         ({"budget": 0}, "budget", ">= 1"),
         ({"budget_unit": "layers"}, "budget_unit", "'rank', 'params'"),
-        ({"schedule": "sometimes"}, "schedule", "'step', 'cycle'"),
-        ({"cycle_length": 0}, "cycle_length", ">= 1"),
+        ({"cycle_length": -1}, "cycle_length", ">= 0"),
+        ({"step_rule": "adam"}, "step_rule", "'optimizer', 'coefficient'"),
         ({"warmup_steps": -1}, "warmup_steps", ">= 0"),
         ({"warmup_steps": 10, "freeze_step": 5}, "freeze_step", "> `warmup_steps` (10)"),
         ({"bias": "lora_only"}, "bias", "'none', 'all', 'geolora_only'"),
@@ -135,3 +136,22 @@ def test_an_older_peft_is_refused_with_the_fix(monkeypatch) -> None:
         importlib.reload(peft_geolora)
     monkeypatch.undo()
     importlib.reload(peft_geolora)
+
+
+def test_a_config_saved_with_retired_step_settings_loads_and_says_what_it_ignores(tmp_path) -> None:
+    """0.1.x configs may hold the per-step schedule and the settings of removed step variants: the schedule becomes
+    cycle_length=0, the rest is dropped, and a warning names each setting that trained differently from the default."""
+    config = GeoLoraConfig(target_modules=["a"], r=4, max_rank=8)
+    config.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    default_step = {"schedule": "cycle", "moment_init": "mean", "balance_bases": False, "basis_steps": "every"}
+    path.write_text(json.dumps({**saved, **default_step, "relative_step_above": 1.0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert loaded.cycle_length == 3 and not hasattr(loaded, "moment_init")
+    path.write_text(json.dumps({**saved, "schedule": "step", "moment_init": "zero", "step_rule": "split"}))
+    with pytest.warns(UserWarning, match=r"moment_init='zero', step_rule='split'.*0\.2\.0 removed.*are ignored"):
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert loaded.cycle_length == 0 and loaded.step_rule == "optimizer"

@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 import peft_geolora
 from peft_geolora import GeoLoraConfig, RankAllocator
-from peft_geolora.integrator import GeoLoraConvFunction
+from peft_geolora.gradients import GeoLoraConvFunction
 
 from .conv_models import images, tiny_cnn
 from .processes import run_child

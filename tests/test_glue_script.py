@@ -244,6 +244,8 @@ def test_push_to_hub_uploads_the_adapter_and_its_card(monkeypatch, tmp_path: Pat
             "--set",
             "max_steps=4",
             "max_train_samples=64",
+            "max_eval_samples=16",
+            "num_hidden_layers=1",
         ]
     )
     repo, files, card = calls["upload"]
@@ -260,10 +262,12 @@ def test_two_processes_on_the_default_task(tmp_path: Path) -> None:
         str(ROOT / "scripts" / "glue" / "run_glue.py"),
         "--config", str(ROOT / "configs" / "glue" / "rt_polarity.yaml"),
         "--output_dir", str(tmp_path / "ddp"),
-        "--set", "max_steps=6", "max_train_samples=256",
+        "--set", "max_steps=6", "max_train_samples=256", "max_eval_samples=32", "num_hidden_layers=2",
     )  # fmt: skip
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert results["num_processes"] == 2
     assert results["ranks_agree_across_processes"]
-    base = AutoModelForSequenceClassification.from_pretrained(run_glue.resolve_model_path(run_glue.OFFLINE_MODEL))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        run_glue.resolve_model_path(run_glue.OFFLINE_MODEL), num_hidden_layers=2
+    )
     PeftModel.from_pretrained(base, tmp_path / "ddp" / "adapter")

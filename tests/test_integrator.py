@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_geolora import integrator as I
+from peft_geolora import truncation as T
+from peft_geolora.gradients import GeoLoraFunction
 
 from .helpers import orthonormality_error
 
@@ -40,7 +42,7 @@ def test_factor_gradients_match_dense(integrated: bool, bases: bool) -> None:
     G = W.grad  # ∂loss/∂W, includes s
 
     Uf, Sf, Vf, xf = (t.clone().requires_grad_(True) for t in (U, S, V, x))
-    y = I.GeoLoraFunction.apply(xf, Uf, Sf, Vf, s, integrated, bases)
+    y = GeoLoraFunction.apply(xf, Uf, Sf, Vf, s, integrated, bases)
     (y * weights).sum().backward()
 
     torch.testing.assert_close(y, s * x @ (U @ S @ V.T).T, atol=1e-12, rtol=0)
@@ -100,7 +102,7 @@ def test_truncation_is_smallest_rank_within_tolerance(tau: float) -> None:
         a, b = 8, 6
         W = torch.randn(a, b, dtype=torch.float64) @ torch.diag(torch.rand(b, dtype=torch.float64) ** 3)
         P, sigma, Q = I.small_svd(W)
-        r1 = int(I.truncation_rank(sigma, tau, 1, b))
+        r1 = int(T.truncation_rank(sigma, tau, 1, b))
         W_trunc = P[:, :r1] @ torch.diag(sigma[:r1]) @ Q[:, :r1].T
         norm = torch.linalg.norm(W)
         assert torch.linalg.norm(W_trunc - W) <= tau * norm + 1e-12
@@ -111,11 +113,11 @@ def test_truncation_is_smallest_rank_within_tolerance(tau: float) -> None:
 
 def test_truncation_rank_clamps_and_absolute_floor() -> None:
     sigma = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 1e-9, 0.0, 0.0, 0.0]])
-    assert I.truncation_rank(sigma, 0.0, 1, 5).tolist() == [5, 2]
-    assert I.truncation_rank(sigma, 0.0, 1, 3).tolist() == [3, 2]
-    assert I.truncation_rank(sigma, 0.0, 1, 5, abs_tol=1e-6).tolist() == [5, 1]
-    assert I.truncation_rank(sigma, 0.9, 2, 5).tolist() == [2, 2]
-    assert I.truncation_rank(torch.zeros(4), 0.1, 1, 4).item() == 1  # all-zero spectrum: the floor
+    assert T.truncation_rank(sigma, 0.0, 1, 5).tolist() == [5, 2]
+    assert T.truncation_rank(sigma, 0.0, 1, 3).tolist() == [3, 2]
+    assert T.truncation_rank(sigma, 0.0, 1, 5, abs_tol=1e-6).tolist() == [5, 1]
+    assert T.truncation_rank(sigma, 0.9, 2, 5).tolist() == [2, 2]
+    assert T.truncation_rank(torch.zeros(4), 0.1, 1, 4).item() == 1  # all-zero spectrum: the floor
 
 
 def _brute_force_count_budget(sigmas, budget, floors, caps):
@@ -139,9 +141,9 @@ def test_global_budget_keeps_the_largest_pooled_values() -> None:
             sigmas = [torch.round(s * 4) / 4 for s in sigmas]
         floors, caps = [1, 2, 0, 1], [5, 4, 8, 2]
         for budget in (0, 3, 7, 12, 40):
-            ranks = I.global_budget_ranks(sigmas, budget, floors, caps)
+            ranks = T.global_budget_ranks(sigmas, budget, floors, caps)
             assert ranks == _brute_force_count_budget(sigmas, budget, floors, caps)
-            assert ranks == I.global_budget_ranks(sigmas, budget, floors, caps)  # deterministic
+            assert ranks == T.global_budget_ranks(sigmas, budget, floors, caps)  # deterministic
             assert sum(ranks) == min(max(budget, 4), sum(min(c, len(s)) for c, s in zip(caps, sigmas)))
 
 
@@ -149,10 +151,10 @@ def test_global_budget_in_parameters() -> None:
     sigmas = [torch.tensor([9.0, 1.0, 0.5]), torch.tensor([8.0, 7.0, 6.0])]
     costs = [10 + 20, 5 + 5]  # m + n
     # floors: one value each, 1*(30+1) + 1*(10+1) = 42; next largest: 8→7 (cost 10+2*1+1=13), 6 (10+2*2+1=15)
-    assert I.global_budget_ranks(sigmas, 42, [1, 1], [3, 3], costs) == [1, 1]
-    assert I.global_budget_ranks(sigmas, 55, [1, 1], [3, 3], costs) == [1, 2]
-    assert I.global_budget_ranks(sigmas, 70, [1, 1], [3, 3], costs) == [1, 3]
-    ranks = I.global_budget_ranks(sigmas, 200, [1, 1], [3, 3], costs)
+    assert T.global_budget_ranks(sigmas, 42, [1, 1], [3, 3], costs) == [1, 1]
+    assert T.global_budget_ranks(sigmas, 55, [1, 1], [3, 3], costs) == [1, 2]
+    assert T.global_budget_ranks(sigmas, 70, [1, 1], [3, 3], costs) == [1, 3]
+    ranks = T.global_budget_ranks(sigmas, 200, [1, 1], [3, 3], costs)
     params = sum(r * (c + r) for r, c in zip(ranks, costs))
     assert params <= 200 and ranks == [3, 3]
 
@@ -166,7 +168,7 @@ def test_batched_equals_looped() -> None:
     U_t, V_t = I.augment_basis(U, dU), I.augment_basis(V, dV)
     S_hat = I.assemble_coefficients(S, U_t, dU, V_t, dV)
     P, sigma, Q = I.small_svd(S_hat)
-    ranks = I.truncation_rank(sigma, 0.2, 1, 2 * r)
+    ranks = T.truncation_rank(sigma, 0.2, 1, 2 * r)
     for b in range(B):
         u_t, v_t = I.augment_basis(U[b], dU[b]), I.augment_basis(V[b], dV[b])
         s_hat = I.assemble_coefficients(S[b], u_t, dU[b], v_t, dV[b])
@@ -175,7 +177,7 @@ def test_batched_equals_looped() -> None:
         torch.testing.assert_close(S_hat[b], s_hat, atol=1e-6, rtol=0)
         torch.testing.assert_close(sigma[b], s, atol=1e-6, rtol=0)
         torch.testing.assert_close(P[b] @ torch.diag(sigma[b]) @ Q[b].T, p @ torch.diag(s) @ q.T, atol=1e-5, rtol=0)
-        assert int(ranks[b]) == int(I.truncation_rank(s, 0.2, 1, 2 * r))
+        assert int(ranks[b]) == int(T.truncation_rank(s, 0.2, 1, 2 * r))
 
 
 @settings(max_examples=60, deadline=None)
@@ -204,7 +206,7 @@ def test_one_step_properties(m, n, r, tau, dtype, scale, seed) -> None:
     U_t, V_t = U_t[..., :k], V_t[..., :k]
     S_hat = I.assemble_coefficients(S, U_t, dU, V_t, dV)
     P, sigma, Q = I.small_svd(S_hat)
-    r1 = int(I.truncation_rank(sigma, tau, 1, r))
+    r1 = int(T.truncation_rank(sigma, tau, 1, r))
     U_new, V_new = I.rotate_factors(torch.cat([U, U_t], -1), torch.cat([V, V_t], -1), P, Q)
     U_new, V_new = U_new[:, :r1], V_new[:, :r1]
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -289,19 +291,19 @@ def test_growth_along_is_the_diagonal_of_the_rotated_step() -> None:
     g = torch.Generator().manual_seed(4)
     dS = torch.randn(3, 6, 6, dtype=torch.float64, generator=g)
     P, Q = _orthonormal(6, 4, seed=10), _orthonormal(6, 4, seed=11)
-    torch.testing.assert_close(I.growth_along(P, dS, Q), torch.diagonal(P.T @ dS @ Q, dim1=-2, dim2=-1))
+    torch.testing.assert_close(T.growth_along(P, dS, Q), torch.diagonal(P.T @ dS @ Q, dim1=-2, dim2=-1))
 
 
 def test_protected_truncation_keeps_fast_growing_directions() -> None:
     sigma = torch.tensor([[10.0, 5.0, 0.3, 0.2, 0.01]])  # tau 0.1 keeps 2
     step_norm = torch.tensor([0.5])
     grown = torch.tensor([[0.0, 0.0, 0.3, 0.0, 0.01]])  # the third value grew by 60 % of the cycle's step
-    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, None, 1, 5).tolist() == [2]
-    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 5).tolist() == [3]
-    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.7, 1, 5).tolist() == [2]
-    assert I.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 2).tolist() == [2]  # the cap holds
+    assert T.protected_truncation_rank(sigma, grown, step_norm, 0.1, None, 1, 5).tolist() == [2]
+    assert T.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 5).tolist() == [3]
+    assert T.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.7, 1, 5).tolist() == [2]
+    assert T.protected_truncation_rank(sigma, grown, step_norm, 0.1, 0.2, 1, 2).tolist() == [2]  # the cap holds
     none = torch.zeros_like(sigma)
-    assert I.protected_truncation_rank(sigma, none, torch.tensor([0.0]), 0.1, 0.2, 1, 5).tolist() == [2]
+    assert T.protected_truncation_rank(sigma, none, torch.tensor([0.0]), 0.1, 0.2, 1, 5).tolist() == [2]
 
 
 @settings(deadline=None, max_examples=30)

@@ -97,7 +97,7 @@ def test_bf16_factors_keep_fp32_factorizations() -> None:
         autocast_adapter_dtype=False,
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    allocator = RankAllocator(model, optimizer, schedule="step")
+    allocator = RankAllocator(model, optimizer, cycle_length=0)
     for step in range(4):
         model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
         optimizer.step()
@@ -112,7 +112,7 @@ def test_bf16_factors_keep_fp32_factorizations() -> None:
 def test_zero_gradients_at_initialisation_do_not_break_the_step() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), GeoLoraConfig(target_modules=["0"], r=2, max_rank=2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    allocator = RankAllocator(model, optimizer, schedule="step")
+    allocator = RankAllocator(model, optimizer, cycle_length=0)
     for _ in range(3):
         (model(torch.zeros(3, 6)) * 0).sum().backward()  # all-zero gradients
         optimizer.step()

@@ -24,8 +24,8 @@ def test_cycles_of_c_plus_one_steps_from_the_origin() -> None:
     assert _walk(schedule, 5) == ["A", ".", ".", "T", "A"]
 
 
-def test_step_schedule_augments_and_truncates_at_every_step() -> None:
-    schedule = CycleSchedule.from_config(GeoLoraConfig(schedule="step", cycle_length=5))
+def test_cycle_length_zero_augments_and_truncates_at_every_step() -> None:
+    schedule = CycleSchedule.from_config(GeoLoraConfig(cycle_length=0))
     assert schedule.cycle_length == 0
     assert _walk(schedule, 3) == ["AT", "AT", "AT"]
 

@@ -18,12 +18,12 @@ from .processes import launch_two_processes
 from .tiny_models import build, classification_dataset, inputs
 
 
-STEP_RULES = ["optimizer", "coefficient", "split"]
+STEP_RULES = ["optimizer", "coefficient"]
 
 
 def _model(seed: int = 0, step_rule: str = "optimizer", **options):
     model, targets = build("bert", seed=seed)
-    settings = dict(r=4, max_rank=6, tau=0.3, schedule="step", step_rule=step_rule, **options)
+    settings = {"r": 4, "max_rank": 6, "tau": 0.3, "cycle_length": 0, "step_rule": step_rule, **options}
     config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, **settings)
     return get_peft_model(model, config)
 
@@ -81,6 +81,29 @@ def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path, step
     assert _max_diff(_adapter(full.model), _adapter(resumed.model)) <= 1e-6
     resumed_callback = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, GeoLoraCallback))
     assert resumed_callback.allocator.rank_history() == callback.allocator.rank_history()
+
+
+def test_every_logged_rank_and_parameter_count_is_the_kept_adapters(tmp_path: Path) -> None:
+    """With the default cycle (augment, 2 S-only steps, truncate) most logged steps fall inside an open cycle: the logs
+    report the kept adapter there (what the rank history says, and what a checkpoint would hold), never the transient
+    augmented one."""
+    trainer = _trainer(tmp_path, max_steps=24, cycle_length=3, tau=0.5)
+    trainer.args.logging_steps = 1
+    trainer.train()
+    allocator = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GeoLoraCallback)).allocator
+    history = allocator.rank_history()
+    sizes = {a.name: a.U.shape[0] + a.V.shape[0] for a in allocator.adapters}
+
+    def kept_at(step: int) -> dict[str, int]:
+        return {name: ([r for t, r in events if t <= step] or [4])[-1] for name, events in history.items()}
+
+    logged = [row for row in trainer.state.log_history if "geolora_total_rank" in row]
+    assert sorted({row["step"] for row in logged}) == list(range(1, 25))  # step 24 twice: its log and the summary
+    for row in logged:
+        kept = kept_at(row["step"])
+        assert row["geolora_total_rank"] == sum(kept.values()), row
+        assert row["geolora_adapter_params"] == sum(r * (sizes[n] + r) for n, r in kept.items()), row
+    assert any(events for events in history.values()), "ranks never changed: the test would not test the logs"
 
 
 def test_trainer_resumes_exactly_with_the_scale_set_from_the_learning_rate(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 
 Every encoder layer and the root are sharded with ``fully_shard`` (gloo on CPU, NCCL on GPUs); each process reads
 its own slice of the data; GeoLoRA runs with ``step_rule="coefficient"`` (required under FSDP2: the allocator then
-gathers only the factors and their gradients, see the README's "Distributed training"). The adapter is saved by
+gathers only the factors and their gradients, see docs/design.md, "Distributed"). The adapter is saved by
 process 0 from the gathered full state dict: a usual trimmed GeoLoRA adapter that loads unsharded.
 accelerate's FSDP plugin needs GPUs (on a CPU-only machine it silently falls back to DDP); with GPUs,
 ``accelerate launch --config_file configs/accelerate/fsdp2.yaml scripts/glue/run_glue.py ...

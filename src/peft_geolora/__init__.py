@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import Version
 
 
 MIN_PEFT_VERSION = "0.21.0"
+# PEFT imports bitsandbytes where it is installed, and bitsandbytes' CPU backend logs a warning about an optional
+# kernel package at import. A library's logger without a handler prints through logging's last resort; with this
+# handler the import prints nothing, and an application that configures logging still receives the record.
+logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
 
 try:
     _peft_version = version("peft")
@@ -41,7 +46,7 @@ install_transformers_loading()
 install_parameter_count()
 install_model_card()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "GEOLORA",
     "DamagedAdapterError",

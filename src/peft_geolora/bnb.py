@@ -1,7 +1,7 @@
 """GeoLoRA on bitsandbytes base layers (QLoRA-style): ``Linear4bit`` (nf4 / fp4) and ``Linear8bitLt``.
 
 The base layer stays quantized and computes its own forward; the adapter ``s · U S Vᵀ`` lives in the adapter dtype
-(fp32 by default) and runs through the same :class:`~peft_geolora.integrator.GeoLoraFunction` as on a float base,
+(fp32 by default) and runs through the same :class:`~peft_geolora.gradients.GeoLoraFunction` as on a float base,
 so the integrator, the allocator (QR and SVD in fp32) and the saved adapter are unchanged. Only merging differs:
 the quantized weight is dequantized, the adapter added (or subtracted), and the sum quantized again with the
 weight's own settings - inexact by the quantization's rounding, as for LoRA on the same layers.

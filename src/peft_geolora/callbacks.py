@@ -13,19 +13,15 @@ from .allocator import RankAllocator
 
 
 ALLOCATOR_STATE_NAME = "geolora_allocator.json"
-ALLOCATOR_TENSORS_NAME = "geolora_allocator.safetensors"  # the coefficient step's moments (step_rule="coefficient")
+ALLOCATOR_TENSORS_NAME = "geolora_allocator.safetensors"  # the step rule's tensors (cycle start, moments)
 
 
 def save_allocator_state(allocator: RankAllocator, folder: str) -> None:
     """Write the allocator's state into a checkpoint folder: plain values as JSON, tensors as safetensors."""
     state = allocator.state_dict()
-    coefficient = state.pop("coefficient", None)
-    if coefficient is not None:
-        save_file(
-            {k: v.contiguous() for k, v in coefficient["tensors"].items()},
-            os.path.join(folder, ALLOCATOR_TENSORS_NAME),
-        )
-        state["coefficient_num_steps"] = coefficient["num_steps"]
+    rule = state.pop("rule")
+    save_file({k: v.contiguous() for k, v in rule["tensors"].items()}, os.path.join(folder, ALLOCATOR_TENSORS_NAME))
+    state["rule_num_steps"] = rule["num_steps"]
     with open(os.path.join(folder, ALLOCATOR_STATE_NAME), "w", encoding="utf-8") as f:
         json.dump(state, f)
 
@@ -37,13 +33,14 @@ def load_allocator_state(allocator: RankAllocator, folder: str) -> bool:
         return False
     with open(path, encoding="utf-8") as f:
         state = json.load(f)
-    if "coefficient_num_steps" in state:
+    steps = state.pop("rule_num_steps", state.pop("coefficient_num_steps", None))  # "coefficient_…": 0.1.x
+    if steps is not None:
         tensors = os.path.join(folder, ALLOCATOR_TENSORS_NAME)
         if not os.path.isfile(tensors):
             raise FileNotFoundError(
-                f"{path} records a coefficient-step state but {tensors} is missing: the checkpoint is incomplete."
+                f"{path} records a step-rule state but {tensors} is missing: the checkpoint is incomplete."
             )
-        state["coefficient"] = {"num_steps": state.pop("coefficient_num_steps"), "tensors": load_file(tensors)}
+        state["rule"] = {"num_steps": steps, "tensors": load_file(tensors)}
     allocator.load_state_dict(state)
     return True
 
@@ -56,7 +53,9 @@ class GeoLoraCallback(TrainerCallback):
     reaches the optimizer and is skipped here too), closes an open rank cycle before every evaluation, checkpoint and
     the end of training (so they all see the kept adapter, and ``load_best_model_at_end`` ends with exactly the best
     checkpoint's adapter), saved into each checkpoint as ``geolora_allocator.json`` (with
-    the coefficient step's moments in ``geolora_allocator.safetensors``) and restored on ``resume_from_checkpoint``. Logs gain ``geolora_total_rank`` and ``geolora_adapter_params``.
+    the step rule's tensors in ``geolora_allocator.safetensors``) and restored on ``resume_from_checkpoint``. Logs
+    gain ``geolora_total_rank`` and ``geolora_adapter_params`` of the kept adapter (inside an open cycle: the ranks
+    kept before its augmentation).
 
     Parameters
     ----------
@@ -135,9 +134,9 @@ class GeoLoraCallback(TrainerCallback):
     ) -> None:
         if self.allocator is None or logs is None:
             return
-        stats = {
-            "geolora_total_rank": self.allocator.total_rank(),
-            "geolora_adapter_params": self.allocator.num_adapter_parameters(),
+        stats = {  # the kept adapter, not an open cycle's transient augmented one
+            "geolora_total_rank": self.allocator.total_rank(kept=True),
+            "geolora_adapter_params": self.allocator.num_adapter_parameters(kept=True),
         }
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -12,11 +15,16 @@ from .registry import GEOLORA
 
 # lora_alpha="auto" under an Adam-family optimizer: the scale s = AUTO_ADAPTER_STEP / lr, so that the adapter's step
 # s · lr (Adam moves every coefficient by about lr, so ΔW moves by about s · lr) is the one that trained best on the
-# suite's learning-rate tasks (lora_alpha 1 at lr 5e-3; README, "Choosing the defaults").
+# suite's learning-rate tasks (lora_alpha 1 at lr 5e-3; docs/research.md, "Choosing the defaults").
 AUTO_ADAPTER_STEP = 5e-3
 # the scale an adapter with lora_alpha="auto" computes with before an allocator has resolved it (and for ever when no
 # allocator drives it, or under SGD)
 UNRESOLVED_AUTO_SCALE = 1.0
+
+
+# Settings of the step variants that 0.2.0 removed (their measurements: docs/research.md), with the value that trains
+# as the default step does. A saved config may still hold them; GeoLoraConfig reads it (_read_retired_settings).
+RETIRED_SETTINGS = {"moment_init": "mean", "balance_bases": False, "basis_steps": "every", "relative_step_above": 1.0}
 
 
 def _check_range(name: str, value, allowed: str, ok: bool) -> None:
@@ -40,13 +48,12 @@ class GeoLoraConfig(PeftConfig):
     :class:`~peft_geolora.RankAllocator` adapts after every optimizer step, either per layer (relative
     tolerance ``tau``) or under one global ``budget``.
 
-    Rank schedule, a worked example: with ``schedule="cycle"``, ``cycle_length=3`` (the default) the optimizer
-    steps form cycles of 4: at steps 1, 5, 9, … the bases are augmented with the optimizer's new directions
-    (the rank doubles, up to the capacity), at the other steps only ``S`` trains, and at steps 4, 8, 12, … the
-    augmented adapter is truncated by its SVD. With ``schedule="step"`` (the paper's Algorithm 1) every step
-    augments and truncates. With ``warmup_steps=100`` and ``freeze_step=900`` the bases still rotate at every
-    truncation, but the ranks stay at ``r`` up to step 100, adapt from 101 to 900, and keep their step-900
-    values afterwards.
+    Rank schedule, a worked example: with ``cycle_length=3`` (the default) the optimizer steps form cycles of 4: at
+    steps 1, 5, 9, … the bases are augmented with the optimizer's new directions (the rank doubles, up to the
+    capacity), at the other steps only ``S`` moves on the augmented basis, and at steps 4, 8, 12, … the augmented
+    adapter is truncated by its SVD. With ``cycle_length=0`` (the paper's Algorithm 1) every step augments and
+    truncates. With ``warmup_steps=100`` and ``freeze_step=900`` the bases still rotate at every truncation, but
+    the ranks stay at ``r`` up to step 100, adapt from 101 to 900, and keep their step-900 values afterwards.
     """
 
     r: int = field(default=8, metadata={"help": "Initial rank of every adapter (clamped to min(in, out) per layer)."})
@@ -54,22 +61,27 @@ class GeoLoraConfig(PeftConfig):
         default=16,
         metadata={
             "help": "Largest rank a layer keeps after truncation. Storage capacity is min(in, out, 2 * max_rank) "
-            "so that augmentation from max_rank fits."
+            "so that augmentation from max_rank fits.",
+            "allocator": True,
         },
     )
-    min_rank: int = field(default=1, metadata={"help": "Smallest rank a layer keeps after truncation (>= 1)."})
+    min_rank: int = field(
+        default=1, metadata={"help": "Smallest rank a layer keeps after truncation (>= 1).", "allocator": True}
+    )
     # 0.5 with the default step rule and growth test (growth_tol=0.1): on the suite's tasks it keeps about 42 % of
-    # LoRA r=8's parameters (0.4: 52 %); with step_rule="coefficient" 0.15 keeps about half (README, "Choosing the
+    # LoRA r=8's parameters (0.4: 52 %); with step_rule="coefficient" 0.15 keeps about half (docs/research.md, "Choosing the
     # defaults").
     tau: float = field(
         default=0.5,
         metadata={
             "help": "Relative truncation tolerance in [0, 1): keep the smallest rank r1 with "
-            "||sigma[r1:]||_2 <= tau * ||sigma||_2. Ignored for rank decisions when `budget` is set."
+            "||sigma[r1:]||_2 <= tau * ||sigma||_2. Ignored for rank decisions when `budget` is set.",
+            "allocator": True,
         },
     )
     abs_tol: float = field(
-        default=0.0, metadata={"help": "Singular values at or below this absolute value are always discarded."}
+        default=0.0,
+        metadata={"help": "Singular values at or below this absolute value are always discarded.", "allocator": True},
     )
     lora_alpha: Union[float, Literal["auto"]] = field(
         default="auto",
@@ -79,8 +91,8 @@ class GeoLoraConfig(PeftConfig):
             "function nor the step. Under Adam it acts like a learning-rate multiplier of the adapter: the adapter "
             "moves by about lora_alpha * lr per step. 'auto' (the default): the RankAllocator sets the scale to "
             "5e-3 / lr when it is created (lr: the peak learning rate of the optimizer's group holding S), so under "
-            "Adam and AdamW the adapter takes the same steps at any learning rate. Under SGD, with "
-            "step_rule='split', and without an allocator the scale is 1."
+            "Adam and AdamW the adapter takes the same steps at any learning rate. Under SGD and without an "
+            "allocator the scale is 1."
         },
     )
     scaling: Optional[float] = field(
@@ -129,41 +141,39 @@ class GeoLoraConfig(PeftConfig):
         metadata={
             "help": "Global budget over all adapters: None uses the per-layer tau rule; otherwise the pooled "
             "singular values are truncated to this many (budget_unit='rank') or to this many trainable "
-            "parameters sum r*(m+n+r) (budget_unit='params')."
+            "parameters sum r*(m+n+r) (budget_unit='params').",
+            "allocator": True,
         },
     )
     budget_unit: Literal["rank", "params"] = field(
-        default="rank", metadata={"help": "What `budget` counts: 'rank' (singular values) or 'params'."}
+        default="rank",
+        metadata={"help": "What `budget` counts: 'rank' (singular values) or 'params'.", "allocator": True},
     )
-    schedule: Literal["step", "cycle"] = field(
-        default="cycle",
+    cycle_length: int = field(
+        default=3,
         metadata={
-            "help": "'step': augment and truncate at every optimizer step (the paper). 'cycle': augment at the first "
-            "step of every cycle of cycle_length + 1 steps, train only S, truncate at its last step (the authors' "
-            "experiments)."
+            "help": "The optimizer steps form cycles of cycle_length + 1: the first augments the bases with the "
+            "gradient's new directions, the next ones train S on the augmented basis, the last truncates (the "
+            "authors' experiments). 0: augment and truncate at every step (the paper's Algorithm 1).",
+            "allocator": True,
         },
     )
-    cycle_length: int = field(default=3, metadata={"help": "S-only steps between augmentations for 'cycle'."})
-    # "optimizer" (with moment_init="mean" and growth_tol=0.1) by measurement: on the suite's learning-rate tasks it
-    # is the most accurate variant, 4-13 points above "coefficient" and 6-8 above "split"; "coefficient" fits
-    # low-rank targets under Adam best (README, "Choosing the defaults").
-    step_rule: Literal["optimizer", "coefficient", "split"] = field(
+    step_rule: Literal["optimizer", "coefficient"] = field(
         default="optimizer",
         metadata={
-            "help": "Who steps the factors. 'optimizer' (default): the user's optimizer steps U, S, V and the "
-            "allocator augments the bases with the orthogonal part of its proposed moves. 'coefficient': the "
-            "allocator takes the adapter gradients before optimizer.step() and steps the augmented coefficient "
-            "matrix itself, with the hyperparameters of the user's optimizer (Adam-family: one second moment per "
-            "adapter; SGD: momentum), so new directions and S move at one balanced rate and U, V hold no optimizer "
-            "state. 'split' (the authors' experiments): the user's optimizer steps S only; the new directions come "
-            "from a plain gradient step of K and L with the optimizer's current learning rate, and U, V hold no "
-            "optimizer state."
+            "help": "Who steps the factors. 'optimizer' (default): your optimizer steps U, S and V, and the "
+            "allocator augments the bases with the part of its proposed moves orthogonal to them. 'coefficient': "
+            "the allocator takes the adapter gradients before optimizer.step() and steps the augmented coefficient "
+            "matrix itself with your optimizer's hyperparameters, so U and V hold no optimizer state; the rule for "
+            "FSDP2 (`fully_shard`), which the default does not support yet. It scores below the default on the "
+            "suite (docs/research.md): give it tau=0.15 and a number in lora_alpha.",
+            "allocator": True,
         },
     )
     # 0.1 by measurement: the growth test sets how far an adapter started small can grow (under Adam every entry of
     # the cycle's step moves by about lr, so its norm grows with the adapter's width while one direction's growth
     # does not); at 0.2 adapters started at r = 1 stop at about 3 directions and the final size depends on the
-    # initial rank (+-32.8 % on trec6), at 0.1 they grow to where the others settle (README, "Choosing the defaults").
+    # initial rank (+-32.8 % on trec6), at 0.1 they grow to where the others settle (docs/research.md, "Choosing the defaults").
     growth_tol: Optional[float] = field(
         default=0.1,
         metadata={
@@ -171,61 +181,17 @@ class GeoLoraConfig(PeftConfig):
             "cycle by at least "
             "growth_tol * ||cycle step of S||_F is kept even if the tau rule would cut it: a direction the "
             "gradient keeps pointing to can enter however large the established ones are. None: the tau rule "
-            "alone. Applies to the tau rule, not to a global budget."
-        },
-    )
-    moment_init: Literal["zero", "mean", "prior"] = field(
-        default="mean",
-        metadata={
-            "help": "step_rule='optimizer' or 'split': how the optimizer's second moments of the new directions start "
-            "at an augmentation. 'mean' (default): the mean second moment of the established entries (per row of U "
-            "and V, over S's active block), so new entries move in proportion to their gradient. 'zero' (0.1.0): "
-            "Adam's first steps of a new entry are then +-lr whatever its gradient (a noise floor on low-rank fits). "
-            "'prior' (step_rule='optimizer', torch Adam/AdamW): 'mean', and the factors' very first step starts from one "
-            "pseudo-observation of the first gradient's mean square, so a fresh adapter's first steps move in "
-            "proportion to the gradient instead of +-lr in all r(m + n + r) entries."
-        },
-    )
-    balance_bases: bool = field(
-        default=False,
-        metadata={
-            "help": "step_rule='optimizer' under an Adam-family optimizer (param groups with `betas`): scale the "
-            "optimizer's proposed moves of U (m x r) and V (n x r) by sqrt(r/m) and sqrt(r/n) before the new "
-            "directions are taken from them. Adam moves every entry by about lr, so a column of U moves about "
-            "sqrt(m/r) times as far as a column of S, and the new directions would enter with that much more "
-            "weight than S's own step (at high learning rates, mostly noise). SGD steps are left exact."
-        },
-    )
-    basis_steps: Literal["every", "augment"] = field(
-        default="every",
-        metadata={
-            "help": "step_rule='optimizer' with schedule='cycle': 'every': the optimizer steps U and V at every step "
-            "(their moments see every gradient; on the steps where only S trains the allocator undoes the moves); "
-            "'augment': only at the first step of each cycle, where their moves become the new directions, so on "
-            "the other steps the backward skips the U- and V-gradients and neither the optimizer nor the allocator "
-            "touches the bases. The coefficient and split rules always skip them there (they read them only at "
-            "augmentation)."
-        },
-    )
-    # 1 by measurement: with lora_alpha="auto" alone every adapter moves by about 5e-3 per step, which trains the
-    # suite's tasks best but cannot fit a target with singular values up to 5 in 1,000 steps (0 of 24 rank-recovery
-    # cases); from ||ΔW||_F = 1 on, S's step growing with the adapter meets all 24 (2 meets 10, 0.5 all 24), and the
-    # suite's adapters, mostly below 1, train as before (README, "Choosing the defaults").
-    relative_step_above: Optional[float] = field(
-        default=1.0,
-        metadata={
-            "help": "step_rule='optimizer' under an Adam-family optimizer: the norm ||s S||_F (= ||ΔW||_F) of an "
-            "adapter above which the optimizer's step of S grows in proportion to it: the step (beyond AdamW's "
-            "decoupled decay) is scaled by ||s S||_F / relative_step_above. Adam moves every entry of S by about lr "
-            "whatever the adapter's size, while the bases' moves (and LoRA's factor product) grow with it; a large "
-            "adapter then fits at a relative rate instead of one absolute step. None: the optimizer's step as it is."
+            "alone. Applies to the tau rule, not to a global budget.",
+            "allocator": True,
         },
     )
     warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps before the first rank change (bases still rotate)."}
+        default=0,
+        metadata={"help": "Optimizer steps before the first rank change (bases still rotate).", "allocator": True},
     )
     freeze_step: Optional[int] = field(
-        default=None, metadata={"help": "From this optimizer step on ranks are frozen (None: never)."}
+        default=None,
+        metadata={"help": "From this optimizer step on ranks are frozen (None: never).", "allocator": True},
     )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
@@ -262,12 +228,12 @@ class GeoLoraConfig(PeftConfig):
         return UNRESOLVED_AUTO_SCALE if self.scaling is None else float(self.scaling)
 
     def _validate(self) -> None:
-        for name in ("r", "max_rank", "min_rank", "cycle_length"):
+        for name in ("r", "max_rank", "min_rank"):
             value = getattr(self, name)
             _check_range(name, value, "an integer >= 1", _is_int(value) and value >= 1)
-        _check_range(
-            "warmup_steps", self.warmup_steps, "an integer >= 0", _is_int(self.warmup_steps) and self.warmup_steps >= 0
-        )
+        for name in ("cycle_length", "warmup_steps"):
+            value = getattr(self, name)
+            _check_range(name, value, "an integer >= 0", _is_int(value) and value >= 0)
         _check_range("min_rank", self.min_rank, f"<= `max_rank` ({self.max_rank})", self.min_rank <= self.max_rank)
         _check_range(
             "r",
@@ -297,7 +263,6 @@ class GeoLoraConfig(PeftConfig):
         _check_range(
             "budget_unit", self.budget_unit, "one of 'rank', 'params'", self.budget_unit in ("rank", "params")
         )
-        _check_range("schedule", self.schedule, "one of 'step', 'cycle'", self.schedule in ("step", "cycle"))
         _check_range(
             "scaling",
             self.scaling,
@@ -307,21 +272,9 @@ class GeoLoraConfig(PeftConfig):
         _check_range(
             "step_rule",
             self.step_rule,
-            "one of 'optimizer', 'coefficient', 'split'",
-            self.step_rule in ("coefficient", "optimizer", "split"),
+            "one of 'optimizer', 'coefficient'",
+            self.step_rule in ("optimizer", "coefficient"),
         )
-        _check_range(
-            "moment_init", self.moment_init, "'zero', 'mean' or 'prior'", self.moment_init in ("zero", "mean", "prior")
-        )
-        _check_range("balance_bases", self.balance_bases, "True or False", isinstance(self.balance_bases, bool))
-        _check_range("basis_steps", self.basis_steps, "'every' or 'augment'", self.basis_steps in ("every", "augment"))
-        if self.relative_step_above is not None:
-            _check_range(
-                "relative_step_above",
-                self.relative_step_above,
-                "None or a number > 0",
-                _is_number(self.relative_step_above) and self.relative_step_above > 0,
-            )
         if self.growth_tol is not None:
             _check_range(
                 "growth_tol",
@@ -344,3 +297,43 @@ class GeoLoraConfig(PeftConfig):
             raise ValueError("`layers_pattern` only applies together with `layers_to_transform`; set both or neither.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str (regex).")
+
+
+def _read_retired_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Settings written by 0.1.x: ``schedule="step"`` becomes ``cycle_length=0``, and the settings of step variants that
+    0.2.0 removed (:data:`RETIRED_SETTINGS`, ``step_rule="split"``) are dropped, with a warning that names each one
+    whose value trained differently from the default step. None of them changes what a saved adapter computes."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("schedule", "cycle") == "step":
+        kwargs["cycle_length"] = 0
+    changed = [f"{k}={kwargs[k]!r}" for k, default in RETIRED_SETTINGS.items() if kwargs.get(k, default) != default]
+    for key in RETIRED_SETTINGS:
+        kwargs.pop(key, None)
+    if kwargs.get("step_rule") == "split":
+        changed.append("step_rule='split'")
+        kwargs["step_rule"] = "optimizer"
+    if changed:
+        warnings.warn(
+            f"GeoLoraConfig: {', '.join(changed)} asked for step variants that peft-geolora 0.2.0 removed "
+            "(docs/research.md). They are ignored: an adapter saved with them loads and computes as saved, and "
+            "training uses the default step.",
+            stacklevel=3,
+        )
+    return kwargs
+
+
+def _accepting_retired_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass ``__init__``, reading configs saved by 0.1.x on every load path (PEFT's and transformers')."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **_read_retired_settings(kwargs))
+
+    return __init__
+
+
+GeoLoraConfig.__init__ = _accepting_retired_settings(GeoLoraConfig.__init__)
+
+# The config fields that configure the RankAllocator (RankAllocator(..., **options) and GeoLoraCallback(**options)
+# may override them for one run): those whose metadata says "allocator".
+ALLOCATOR_OPTIONS = tuple(f.name for f in fields(GeoLoraConfig) if f.metadata.get("allocator"))

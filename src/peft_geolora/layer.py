@@ -18,7 +18,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .integrator import GeoLoraConvFunction, GeoLoraFunction, sign_fixed_qr
+from .gradients import GeoLoraConvFunction, GeoLoraFunction
+from .integrator import sign_fixed_qr
 
 
 try:  # transformers is optional for the layer itself
@@ -333,7 +334,7 @@ class Conv2d(Linear):
 
     ``V`` (n × R) spans the flattened input patch (n = c · kh · kw), ``U`` (m × R) the output channels; the update
     of the convolution weight is ``s · U S Vᵀ`` reshaped to (m, c, kh, kw). Merging, saving and the allocator are
-    the Linear layer's; only the forward (:class:`~peft_geolora.integrator.GeoLoraConvFunction`) and the shape of the
+    the Linear layer's; only the forward (:class:`~peft_geolora.gradients.GeoLoraConvFunction`) and the shape of the
     weight update differ.
     """
 

@@ -1,28 +1,28 @@
-"""Carrying the user's optimizer state of ``U``, ``S``, ``V`` through basis changes (``step_rule="optimizer"``).
+"""The user's optimizer as the allocator meets it: its parameter groups, its hyperparameters, and its state of the
+factors carried through basis changes.
 
-With the 0.1.0 step rule the user's optimizer holds per-parameter state for the factors. When the bases change,
+Under the default step rule the user's optimizer holds per-parameter state for the factors. When the bases change,
 that state is carried into the new coordinates instead of being reset. Augmentation keeps the old columns, so
 their state is kept and the new columns start from zero. Truncation rotates the coefficients by the small SVD
 ``Ŝ = P Σ Qᵀ``; the gradients then transform as ``∇S → Pᵀ ∇S Q``, ``∇U = G V → (G V) Q``, ``∇V = Gᵀ U → (Gᵀ U) P``.
 First moments (``exp_avg``, ``momentum_buffer``) follow these linear maps exactly; second moments
 (``exp_avg_sq``, ``max_exp_avg_sq``) follow the same maps with every entry squared, which is exact when the
 rotation is a signed permutation and always keeps them non-negative. Other per-parameter state is reset to zero.
-Inactive capacity is zero in the factors and in the state.
+Inactive capacity is zero in the factors and in the state. New entries of an augmentation start with the mean
+second moment of the established ones (:func:`pad_state`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .coefficient_optimizer import group_index_of
-
 
 LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
-# optimizers whose state layout (step, exp_avg, exp_avg_sq, max_exp_avg_sq) seed_fresh_state writes
-PRIOR_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -39,12 +39,11 @@ def pad_state(
     S: nn.Parameter,
     V: nn.Parameter,
     r: int,
-    seed_second_moments: bool = False,
 ) -> None:
-    """Augmentation keeps the old columns: their state stays, everything beyond rank r starts at zero.
+    """Augmentation keeps the old columns: their state stays; beyond rank r the first moments start at zero and the
+    second moments at the mean of the established ones (per row of U and V, over S's r × r active block).
 
-    ``seed_second_moments`` (``moment_init="mean"`` or ``"prior"``): the new rows and columns of S's second moments
-    start at the mean of the r × r active block instead. A zero second moment makes Adam's first step of an entry
+    Why not zero: a zero second moment makes Adam's first step of an entry
     ``±λ`` whatever its gradient (``m̂ / √v̂ = g / |g|``), so every cycle's new coefficients would take full-size
     steps in the direction of the latest, noisy gradient: on low-rank fitting that leaves a relative-error floor
     of about 2e-2 at λ = 1e-2. Seeded with the layer's typical second moment, a new entry moves in proportion to
@@ -53,15 +52,11 @@ def pad_state(
     for p, is_s in ((U, False), (S, True), (V, False)):
         for key, value in state_tensors(optimizer, p):
             if is_s:
-                fill = value[:r, :r].mean() if seed_second_moments and key in QUADRATIC_STATE_KEYS else 0
+                fill = value[:r, :r].mean() if key in QUADRATIC_STATE_KEYS else 0
                 value[r:, :] = fill
                 value[:, r:] = fill
             else:
-                fill = (
-                    value[:, :r].mean(dim=1, keepdim=True)
-                    if seed_second_moments and key in QUADRATIC_STATE_KEYS
-                    else 0
-                )
+                fill = value[:, :r].mean(dim=1, keepdim=True) if key in QUADRATIC_STATE_KEYS else 0
                 value[:, r:] = fill
 
 
@@ -130,46 +125,65 @@ def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         torch._foreach_copy_(group_targets, group_sources)
 
 
-def seed_fresh_state(
-    optimizer: torch.optim.Optimizer, U: nn.Parameter, S: nn.Parameter, V: nn.Parameter, r: int
-) -> None:
-    r"""``moment_init="prior"``: Adam's state of a factor that has none yet starts from one pseudo-observation.
+@dataclass(frozen=True)
+class StepHyperparameters:
+    """What one coefficient step needs from the user's optimizer, read at ``optimizer.step()`` time."""
 
-    Called before the optimizer's first step of the factors (their gradients are set, their state is empty). A fresh
-    Adam state makes the first step ``λ m̂ / √v̂ = λ g / |g|``: every entry of ``U``, ``S``, ``V`` moves by ``±λ``
-    whatever its gradient, so an adapter created at a large initial rank starts with a full-size random-sign
-    matrix in all its r² coefficients and r new directions per basis. Here the second moment starts at
+    kind: str  # "adam" or "sgd"
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decoupled_weight_decay: bool = True
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
 
-    .. math::  v_0 = \frac{1 - \beta_2}{\beta_2} \, \overline{g^2}
 
-    (the mean over the active r columns of each row of ``U`` and ``V``, over the r × r active block of ``S``), so
-    after Adam's bias correction ``v̂₁ = g² + \overline{g^2}`` and the first step is ``λ g / √(g² + \overline{g^2})``:
-    in proportion to the gradient where it is small, at most ``λ``. The pseudo-observation fades like an ordinary
-    one (about ``\overline{g^2} / t`` in ``v̂_t``). Only ``torch.optim.Adam`` / ``AdamW`` without ``fused`` or
-    ``capturable`` are seeded (their state layout is known); other optimizers start as they always do.
-    """
-    if type(optimizer) not in PRIOR_OPTIMIZERS:
-        return
-    for p, is_s in ((U, False), (S, True), (V, False)):
-        if p.grad is None or type(p.grad) is not torch.Tensor or optimizer.state.get(p):
-            continue
-        group = optimizer.param_groups[group_index_of(optimizer, p)]
-        if group.get("fused") or group.get("capturable") or group.get("differentiable"):
-            continue
-        beta2 = float(group["betas"][1])
-        square = p.grad.detach().square()
-        v0 = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if is_s:
-            v0[:r, :r] = square[:r, :r].mean()
-        else:
-            v0[:, :r] = square[:, :r].mean(dim=1, keepdim=True)
-        v0.mul_((1 - beta2) / beta2)
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        state = {
-            "step": torch.tensor(0.0, dtype=scalar),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": v0,
-        }
-        if group.get("amsgrad"):
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        optimizer.state[p] = state
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """``"adam"`` for optimizers whose groups have ``betas``, ``"sgd"`` for ``momentum``; otherwise a clear error."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return "adam"
+    if "momentum" in group:
+        return "sgd"
+    raise ValueError(
+        f"GeoLoRA's coefficient step follows Adam-family optimizers (param groups with `betas`) and SGD (with "
+        f'`momentum`); {type(optimizer).__name__} has neither. Use one of those, or `step_rule="optimizer"` to '
+        "let your optimizer step the factors."
+    )
+
+
+def read_hyperparameters(optimizer: torch.optim.Optimizer, kind: str, group_index: int) -> StepHyperparameters:
+    """The current hyperparameters of parameter group ``group_index`` (its lr follows the user's scheduler)."""
+    group: dict[str, Any] = optimizer.param_groups[group_index]
+    lr = float(group["lr"])
+    weight_decay = float(group.get("weight_decay", 0.0))
+    if kind == "adam":
+        # AdamW (and Adam-family optimizers that say so) decay decoupled; torch's Adam adds the decay to the gradient
+        default = isinstance(optimizer, torch.optim.AdamW) or type(optimizer).__name__ != "Adam"
+        decoupled = bool(group.get("decoupled_weight_decay", default))
+        return StepHyperparameters(
+            kind=kind,
+            lr=lr,
+            weight_decay=weight_decay,
+            betas=tuple(float(b) for b in group["betas"]),
+            eps=float(group.get("eps", 1e-8)),
+            decoupled_weight_decay=decoupled,
+        )
+    return StepHyperparameters(
+        kind=kind,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=float(group.get("momentum", 0.0)),
+        dampening=float(group.get("dampening", 0.0)),
+        nesterov=bool(group.get("nesterov", False)),
+    )
+
+
+def group_index_of(optimizer: torch.optim.Optimizer, parameter: nn.Parameter) -> int:
+    """Index of the parameter group holding ``parameter``."""
+    for index, group in enumerate(optimizer.param_groups):
+        if any(p is parameter for p in group["params"]):
+            return index
+    raise ValueError("The optimizer does not hold this GeoLoRA coefficient matrix.")

@@ -1,6 +1,6 @@
 """Where an optimizer step falls in GeoLoRA's cycle schedule, and whether ranks may change there.
 
-The optimizer steps are grouped in cycles of c + 1 (c = ``cycle_length``; c = 0 for ``schedule="step"``): the first
+The optimizer steps are grouped in cycles of c + 1 (c = ``cycle_length``; c = 0: the paper's Algorithm 1): the first
 step of a cycle augments the bases, the last one truncates (with c = 0 one step does both) and the steps between
 train only ``S``. Cycles count from an origin that :meth:`CycleSchedule.restart` moves: the allocator's ``finish()``
 closes a cycle early and the next step opens a new one. Ranks may change at a truncation after ``warmup_steps`` and
@@ -27,8 +27,7 @@ class CycleSchedule:
 
     @classmethod
     def from_config(cls, config: GeoLoraConfig) -> CycleSchedule:
-        c = config.cycle_length if config.schedule == "cycle" else 0
-        return cls(c, config.warmup_steps, config.freeze_step)
+        return cls(config.cycle_length, config.warmup_steps, config.freeze_step)
 
     def position(self, step: int) -> int:
         """Where optimizer step ``step`` falls in its cycle: 0 (augment) … c (truncate)."""

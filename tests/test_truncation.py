@@ -1,11 +1,11 @@
-"""The rank rule on its own (peft_geolora.rank_rule): spectra in, kept ranks out."""
+"""The rank rule on its own (peft_geolora.truncation): spectra in, kept ranks out."""
 
 from __future__ import annotations
 
 import torch
 
 from peft_geolora import GeoLoraConfig
-from peft_geolora.rank_rule import Spectrum, kept_ranks
+from peft_geolora.truncation import Spectrum, kept_ranks
 
 
 def _spectrum(members: list[int], sigmas: list[list[float]], S0: list[list[float]] | None = None) -> Spectrum:

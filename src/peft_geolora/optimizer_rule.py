@@ -1,0 +1,187 @@
+"""The default step: the user's optimizer steps ``U``, ``S``, ``V``; the allocator augments with its proposed moves.
+
+Within a cycle (:mod:`peft_geolora.schedule`), for every adapter:
+
+* **Every step** the optimizer steps all three factors, so its moments of the bases see every gradient. Under an
+  Adam-family optimizer the step of ``S`` is then made relative above the adapter size ``ρ`` = 1
+  (:data:`RELATIVE_STEP_ABOVE`, :func:`~peft_geolora.integrator.relative_step`): ``S ← d S₀ + g (S₁ − d S₀)`` with
+  ``g = max(1, ‖s S₀‖_F / ρ)``, so a large adapter moves in proportion to its size, as its bases' moves do.
+* **The first step** (augmentation) reads the optimizer's proposed moves ``dU = U₁ − U₀``, ``dV = V₁ − V₀`` and
+  augments the bases with their parts orthogonal to ``U₀``, ``V₀`` (QR, :func:`~peft_geolora.step_rule.new_directions`):
+  ``Û = [U₀ | Ũ]``, ``V̂ = [V₀ | Ṽ]``, ``Ŝ = [[S₁, dVᵀ Ṽ], [Ũᵀ dU, 0]]``
+  (:func:`~peft_geolora.integrator.assemble_coefficients`). The optimizer's state of the new entries starts at the
+  mean second moment of the established ones (:func:`~peft_geolora.optimizer_state.pad_state`), so a new entry moves
+  in proportion to its gradient; ``Ŝ`` is remembered as the cycle's start (the growth test's reference).
+* **The other steps** train ``S`` on the augmented basis: the bases go back to where they stood before the
+  optimizer's step (the moves are proposals, taken only at augmentations).
+* **The truncation** rotates the optimizer's state of the factors with them
+  (:func:`~peft_geolora.optimizer_state.rotate_states`).
+
+A step whose adapter gradients are not finite takes the factors' gradients away before the optimizer sees them, so
+the factors and their optimizer state stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+
+from . import integrator, optimizer_state
+from .adapters import Batch, per_adapter
+from .schedule import CycleSchedule
+from .step_rule import StepRule, all_finite, new_directions
+from .truncation import Truncated
+
+
+# ρ: the adapter norm ‖s S‖_F (= ‖ΔW‖_F) above which S's Adam step grows in proportion to it. 1 by measurement:
+# the suite's adapters mostly stay below it and train as with the absolute step, and with it the rank-recovery
+# problems (singular values up to 5) are fitted in 1,000 steps at every learning rate (docs/research.md, hypothesis 8).
+RELATIVE_STEP_ABOVE = 1.0
+
+
+def _copy_into(buffers: Optional[list[torch.Tensor]], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in ``buffers``, reused unless absent (first step) or the model was moved or cast since."""
+    if buffers is None or any(
+        b.shape != t.shape or b.device != t.device or b.dtype != t.dtype for b, t in zip(buffers, tensors)
+    ):
+        buffers = [torch.empty_like(t) for t in tensors]
+    optimizer_state.copy_all(buffers, tensors)
+    return buffers
+
+
+class OptimizerRule(StepRule):
+    """The default step rule (see the module docstring)."""
+
+    name = "optimizer"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Ŝ at the start of the open cycle, per adapter at its capacity (the growth test's reference)
+        self.cycle_start = [
+            torch.zeros(a.capacity, a.capacity, dtype=integrator.compute_dtype(a.S.dtype), device=a.S.device)
+            for a in self.adapters
+        ]
+        self._group_of = [optimizer_state.group_index_of(self.optimizer, a.S) for a in self.adapters]
+        # before each step: U₀, V₀ of every adapter and S₀, reused buffers; and what decoupled decay keeps of S₀
+        self._bases_before: Optional[list[torch.Tensor]] = None
+        self._coefficients_before: Optional[list[torch.Tensor]] = None
+        self._kept_after_decay: list[Optional[float]] = []
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Save the factors the optimizer is about to move, or keep it off them if a gradient is not finite
+        (torch optimizers skip a parameter whose grad is None)."""
+        self.finite = all_finite(p.grad for p in self.adapters.factor_params())
+        if not self.finite:
+            for p in self.adapters.factor_params():
+                p.grad = None
+            return
+        self._coefficients_before = _copy_into(self._coefficients_before, [a.S for a in self.adapters])
+        self._kept_after_decay = self._decoupled_decay_factors()
+        self._bases_before = _copy_into(self._bases_before, [p for a in self.adapters for p in (a.U, a.V)])
+
+    def steps_bases(self, schedule: CycleSchedule) -> bool:
+        return True  # the optimizer steps the bases at every step
+
+    def advance(self, augment: bool, truncate: bool) -> list[Batch]:
+        self._grow_coefficient_steps()
+        if augment:
+            return self._augment()
+        optimizer_state.copy_all([p for a in self.adapters for p in (a.U, a.V)], self._bases_before)
+        return []
+
+    def batches(self) -> list[Batch]:
+        out = []
+        for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
+            cd = integrator.compute_dtype(dtype)
+            batch = Batch(members, *self.adapters.stack(members, r, cd))
+            batch.S0 = torch.stack([self.cycle_start[i][:r, :r] for i in members]).to(cd)
+            out.append(batch)
+        return out
+
+    def carry(self, truncated: Truncated) -> None:
+        factors = [self.adapters[i].parameters() for i in truncated.batch.members]
+        optimizer_state.rotate_states(
+            self.optimizer, factors, truncated.P, truncated.Q, truncated.ranks, self.warn_once
+        )
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return list(self.cycle_start)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [*self.cycle_start, *(self._bases_before or []), *(self._coefficients_before or [])]
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {
+            f"{a.name}.cycle_start": S0.detach().cpu().clone() for a, S0 in zip(self.adapters, self.cycle_start)
+        }
+        return {"num_steps": 0, "tensors": tensors}
+
+    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        if state is None:  # saved by 0.1.0, at a cycle's end
+            return
+        for a, S0 in zip(self.adapters, self.cycle_start):
+            S0.copy_(state["tensors"][f"{a.name}.cycle_start"])
+
+    # ------------------------------------------------------------------ the parts of the step
+    def _decoupled_decay_factors(self) -> list[Optional[float]]:
+        """Per adapter: ``1 − lr · weight_decay`` if the coming step is an Adam-family one that decays S decoupled
+        (AdamW), 1 for another Adam-family step, None if it is not adaptive (SGD's step already follows the
+        gradient's size) — read before the step, with the scheduler's current lr."""
+        factors: dict[int, Optional[float]] = {}
+        for g in set(self._group_of):
+            if "betas" not in self.optimizer.param_groups[g]:
+                factors[g] = None
+                continue
+            hp = optimizer_state.read_hyperparameters(self.optimizer, "adam", g)
+            factors[g] = 1.0 - hp.lr * hp.weight_decay if hp.decoupled_weight_decay else 1.0
+        return [factors[g] for g in self._group_of]
+
+    def _grow_coefficient_steps(self) -> None:
+        """The optimizer's adaptive step of every adapter's S made relative above ρ
+        (:func:`~peft_geolora.integrator.relative_step`, in the compute dtype), batched over adapters of one shape,
+        written back in one fused copy."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (a, kept) in enumerate(zip(self.adapters, self._kept_after_decay)):
+            if kept is not None:
+                groups[(a.S.shape, a.S.dtype, a.S.device)].append(i)
+        targets, sources = [], []
+        for (_, dtype, _), members in groups.items():
+            cd = integrator.compute_dtype(dtype)
+            S = torch.stack([self.adapters[i].S for i in members]).to(cd)  # (B, c, c)
+            S1 = integrator.relative_step(
+                torch.stack([self._coefficients_before[i] for i in members]).to(cd),
+                S,
+                per_adapter([self.adapters[i].scaling for i in members], S),
+                RELATIVE_STEP_ABOVE,
+                per_adapter([self._kept_after_decay[i] for i in members], S),
+            )
+            targets += [self.adapters[i].S for i in members]
+            sources += list(S1.unbind())
+        optimizer_state.copy_all(targets, sources)
+
+    def _augment(self) -> list[Batch]:
+        """Every adapter augmented with the optimizer's proposed directions: ``Û = [U₀ | Ũ]``, ``Ŝ``, ``V̂ = [V₀ | Ṽ]``.
+
+        The optimizer's state of the new entries starts at the mean second moment of the established ones, and ``Ŝ``
+        is remembered as the cycle's start.
+        """
+        out = []
+        for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
+            cd = integrator.compute_dtype(dtype)
+            U0 = torch.stack([self._bases_before[2 * i][:, :r] for i in members]).to(cd)  # (B, m, r)
+            V0 = torch.stack([self._bases_before[2 * i + 1][:, :r] for i in members]).to(cd)  # (B, n, r)
+            U1, S1, V1 = self.adapters.stack(members, r, cd)
+            dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
+            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, capacity - r)
+            S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
+            for b, i in enumerate(members):
+                a = self.adapters[i]
+                optimizer_state.pad_state(self.optimizer, a.U, a.S, a.V, r)
+                start = self.cycle_start[i]
+                start.zero_()
+                start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+            out.append(Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
+        return out
