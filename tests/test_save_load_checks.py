@@ -20,7 +20,7 @@ from .helpers import Dense
 def _trained(seed: int, steps: int = 6):
     torch.manual_seed(seed)
     model = get_peft_model(
-        Dense(12, 16), GeoLoraConfig(target_modules=["lin"], r=4, max_rank=6, tau=0.3, schedule="step")
+        Dense(12, 16), GeoLoraConfig(target_modules=["lin"], r=4, max_rank=6, tau=0.3, cycle_length=0)
     )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     allocator = RankAllocator(model, optimizer)
@@ -134,3 +134,43 @@ def test_config_from_a_newer_version_loads_with_a_warning(tmp_path: Path) -> Non
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="option_from_the_future"):
         peft_geolora.from_pretrained(_base(), folder)
+
+
+class DenseWithHead(Dense):
+    """Dense with a trained head (``modules_to_save``): its tensors are saved beside the factors."""
+
+    def __init__(self) -> None:
+        super().__init__(12, 16)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin(x))
+
+
+@pytest.mark.parametrize("poison", ["nan_in_U", "inf_in_S", "nan_in_head", "integer_V"])
+@pytest.mark.parametrize("path", ["PeftModel.from_pretrained", "load_adapter", "peft_geolora.from_pretrained"])
+def test_poisoned_or_mistyped_tensors_are_refused_on_every_load_path(poison: str, path: str, tmp_path: Path) -> None:
+    """A NaN or an infinity in any adapter tensor, or a factor of the wrong dtype, is refused with the tensor's name
+    instead of loading a model that computes NaN."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        DenseWithHead(), GeoLoraConfig(target_modules=["lin"], r=4, max_rank=6, modules_to_save=["head"])
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    suffix = {"nan_in_U": "geolora_U", "inf_in_S": "geolora_S", "nan_in_head": "head.weight", "integer_V": "geolora_V"}
+    key = next(k for k in tensors if k.endswith(suffix[poison]))
+    if poison == "integer_V":
+        tensors[key] = tensors[key].to(torch.int32)
+    else:
+        tensors[key].view(-1)[0] = float("nan") if "nan" in poison else float("inf")
+    save_file(tensors, weights)
+    match = "dtype torch.int32" if poison == "integer_V" else "non-finite values"
+    with pytest.raises(ValueError, match=match):
+        if path == "PeftModel.from_pretrained":
+            PeftModel.from_pretrained(DenseWithHead(), tmp_path / "adapter")
+        elif path == "load_adapter":
+            model.load_adapter(tmp_path / "adapter", "again")
+        else:
+            peft_geolora.from_pretrained(DenseWithHead(), tmp_path / "adapter")

@@ -113,3 +113,27 @@ def test_all_linear_targets_every_linear_but_the_head() -> None:
     adapted = {n for n, m in model.named_modules() if hasattr(m, "geolora_U")}
     assert any(n.endswith("attention.self.query") for n in adapted)
     assert not any("classifier" in n for n in adapted)
+
+
+@pytest.mark.parametrize("loader", ["transformers load_adapter", "AutoPeftModel"])
+def test_a_poisoned_factor_is_refused_by_transformers_and_auto_loading(loader: str, tmp_path: Path, caplog) -> None:
+    """transformers' own ``load_adapter`` and ``AutoPeftModel*`` refuse a factor holding a NaN, naming it (transformers
+    reports the conversion's error in its load report and raises its own RuntimeError)."""
+    from peft import AutoPeftModelForSequenceClassification
+    from safetensors.torch import load_file, save_file
+
+    model = _geolora("bert", base_dir=tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("geolora_V"))
+    tensors[key].view(-1)[3] = float("nan")
+    save_file(tensors, weights)
+    if loader == "AutoPeftModel":
+        with pytest.raises(ValueError, match=r"geolora_V.* holds non-finite values"):
+            AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+        return
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    with pytest.raises(RuntimeError, match="conversion"):
+        base.load_adapter(str(tmp_path / "adapter"))
+    assert "geolora_V" in caplog.text and "holds non-finite values" in caplog.text

@@ -157,11 +157,15 @@ class GeoLoraModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """Map checkpoint keys to the model, check trimmed factors against their ranks, pad to capacity."""
+        """Map checkpoint keys to the model, check every tensor (finite; factors: floating point and as their ranks
+        say), pad the trimmed factors to capacity."""
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
         live_shapes = {k: v.shape for k, v in model.state_dict().items() if f".{PREFIX}" in k}
+        for key, tensor in remapped.items():  # the factors are checked with their shapes below; here the rest
+            if tensor.is_floating_point() and _FACTOR_KEY.match(key) is None:
+                check_finite_float(key, tensor)
         for key in list(remapped):
             match = _FACTOR_KEY.match(key)
             if match is None or key not in live_shapes:
@@ -220,8 +224,24 @@ def _is_quantized(layer: nn.Module) -> bool:
     return weight is not None and (not weight.is_floating_point() or hasattr(weight, "quant_state"))
 
 
+def check_finite_float(key: str, tensor: torch.Tensor) -> None:
+    """A checkpoint's adapter tensor must be floating point and finite: a NaN or an infinity would load as a model
+    that computes NaN, silently."""
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"GeoLoRA checkpoint tensor `{key}` has dtype {tensor.dtype}, where a floating-point tensor belongs: the "
+            "file is damaged or was not written by peft_geolora. Save the adapter again."
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"GeoLoRA checkpoint tensor `{key}` holds non-finite values (NaN or inf): the adapter was saved from a run "
+            "that diverged, or the file is damaged. Load a checkpoint from before the divergence, or save it again."
+        )
+
+
 def _pad_factor(key: str, factor: str, tensor: torch.Tensor, rank: int, live_shape: torch.Size) -> torch.Tensor:
     """Zero-pad a trimmed factor (U: m × r, V: n × r, S: r × r) to the live capacity shape, after checking it."""
+    check_finite_float(key, tensor)
     if factor == "S":
         expected = (rank, rank)
     else:
