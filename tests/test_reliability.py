@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -154,3 +156,37 @@ def test_deepspeed_zero_optimizers_are_refused_naming_what_works() -> None:
     flat = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])
     with pytest.raises(RuntimeError, match="DeepSpeed ZeRO stages 1-3.*ZeRO stage 0.*FSDP2"):
         RankAllocator(model, FakeZeroOptimizer(flat))
+
+
+def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float]:
+    """A LoRA user's recipe on a tiny Llama, every linear layer, AdamW: the runaway warnings and the largest
+    ``‖ΔW‖_F`` at the end."""
+    model, _ = build("llama", seed=0)
+    model = get_peft_model(model, GeoLoraConfig(task_type="SEQ_CLS", target_modules="all-linear", **config))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        allocator = RankAllocator(model, optimizer)
+        for step in range(steps):
+            model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+            optimizer.step()
+            allocator.step()
+            optimizer.zero_grad()
+        allocator.finish()
+    largest = max(float(a.layer.get_delta_weight(a.adapter).norm()) for a in allocator.adapters)
+    return [str(w.message) for w in caught if "running away" in str(w.message)], largest
+
+
+def test_a_runaway_adapter_is_reported_once_with_the_setting_to_change() -> None:
+    """lora_alpha=16 (the LoRA habit) at lr 2e-2: the adapters grow by orders of magnitude with the loss at chance.
+    The allocator says so, once per adapter, naming the layer, the scale, the learning rate and what to change."""
+    messages, largest = _llama_run(40, 2e-2, lora_alpha=16.0)
+    assert largest > 1e3, largest  # the divergence the watch is for
+    assert messages and len(messages) == len(set(messages))
+    assert "lora_alpha=16.0" in messages[0] and "lr 0.02" in messages[0] and "leave lora_alpha at 'auto'" in messages[0]
+    assert "base_model.model.model.layers." in messages[0]
+
+
+def test_the_defaults_at_the_same_rate_do_not_trip_the_watch() -> None:
+    messages, largest = _llama_run(40, 2e-2)
+    assert not messages and largest < 10, largest

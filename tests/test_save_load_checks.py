@@ -104,6 +104,20 @@ def test_truncated_weights_file_is_reported_as_damaged(cut: int, tmp_path: Path)
         peft_geolora.from_pretrained(_base(), folder)
 
 
+@pytest.mark.parametrize("path", ["PeftModel.from_pretrained", "load_adapter"])
+def test_peft_own_loaders_name_a_truncated_weights_file(path: str, tmp_path: Path) -> None:
+    """PEFT's loaders (what users call) report a truncated file as damaged and name it, instead of safetensors'
+    bare header error."""
+    folder = _saved(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(peft_geolora.DamagedAdapterError, match=r"adapter_model\.safetensors is damaged or truncated"):
+        if path == "PeftModel.from_pretrained":
+            PeftModel.from_pretrained(_base(), folder)
+        else:
+            _trained(1).load_adapter(folder, "other")
+
+
 def test_corrupted_header_and_config_are_reported(tmp_path: Path) -> None:
     folder = _saved(tmp_path)
     weights = folder / "adapter_model.safetensors"

@@ -34,6 +34,7 @@ from .config import GeoLoraConfig  # noqa: E402
 from .export import export_adapter_dir, export_to_lora, geolora_from_lora  # noqa: E402
 from .layer import GeoLoraLayer, Linear  # noqa: E402
 from .loading import DamagedAdapterError, check_adapter_dir, from_pretrained  # noqa: E402
+from .loading import install as install_damage_checks  # noqa: E402
 from .model import GeoLoraModel  # noqa: E402
 from .model_card import install as install_model_card  # noqa: E402
 from .parameter_count import install as install_parameter_count  # noqa: E402
@@ -45,6 +46,7 @@ register(GeoLoraConfig, GeoLoraModel)
 install_transformers_loading()
 install_parameter_count()
 install_model_card()
+install_damage_checks()
 
 __version__ = "0.2.0"
 __all__ = [

@@ -31,6 +31,7 @@ from .coefficient_rule import CoefficientRule
 from .config import ALLOCATOR_OPTIONS, GeoLoraConfig
 from .distributed import broadcast_ints, broadcast_tensors, is_distributed, peer_failure_message
 from .optimizer_rule import OptimizerRule
+from .runaway import RunawayWatch
 from .schedule import CycleSchedule
 from .step_rule import StepRule
 
@@ -122,6 +123,7 @@ class RankAllocator:
         self.rule: StepRule = STEP_RULES[self.config.step_rule](
             self.config, self.adapters, self.optimizer, self._warn_once
         )
+        self._watch = RunawayWatch(self.adapters, self.optimizer, self.config.lora_alpha)
         self._hook = self.optimizer.register_step_pre_hook(self._before_optimizer_step)
         for a in self.adapters:
             a.layer.integrated[a.adapter] = True
@@ -198,7 +200,8 @@ class RankAllocator:
             self.adapters.write(batch.members, batch.U, batch.S, batch.V, [width] * len(batch.members))
 
     def _truncate(self, batches: list[Batch]) -> None:
-        """SVD, the rank rule, the step rule's state carried over, and the rewrite at the kept ranks."""
+        """SVD, the rank rule, the step rule's state carried over, the rewrite at the kept ranks, and the watch for
+        adapters that run away (:mod:`peft_geolora.runaway`)."""
         self._num_truncations += 1
         fixed = None
         caps = costs = None
@@ -215,6 +218,7 @@ class RankAllocator:
             self.rule.carry(item)
             self._record(item.batch.members, item.ranks)
             self.adapters.write(item.batch.members, item.U, torch.diag_embed(item.sigma), item.V, item.ranks)
+            self._watch.check(item.batch.members, item.sigma, item.ranks)
 
     def _record(self, members: list[int], ranks: list[int]) -> None:
         """Log each kept rank that differs from the adapter's last kept one in its rank history."""

@@ -5,6 +5,9 @@ adapter folder, so that a damaged download or a save killed half-way fails with 
 instead of an error from deep inside a parser: ``adapter_config.json`` parses and is a GeoLoRA config; the weights
 file's header parses and the file is as long as the header says (a truncated file is caught before any tensor is
 read). The loader itself then checks every factor against its recorded rank (see ``GeoLoraModel``).
+
+:func:`install` makes PEFT's own loader (``PeftModel.from_pretrained``, ``load_adapter``, ``AutoPeftModel*``) say the
+same of a weights file that does not parse: safetensors' bare ``SafetensorError`` names no file.
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 
 class DamagedAdapterError(ValueError):
     """An adapter folder whose files are incomplete or corrupted."""
+
+
+def install() -> None:
+    """Wrap the safetensors reader of PEFT's ``load_peft_weights`` once (idempotent): a file that does not parse
+    raises :class:`DamagedAdapterError` naming it, for adapters of every type; intact files load as before."""
+    from peft.utils import save_and_load
+    from safetensors import SafetensorError
+
+    original = save_and_load.safe_load_file
+    if getattr(original, "_geolora_wrapped", False):
+        return
+
+    def safe_load_file(filename: Union[str, os.PathLike], device: Any = "cpu") -> dict:
+        try:
+            return original(filename, device=device)
+        except SafetensorError as exc:
+            raise DamagedAdapterError(
+                f"{filename} is damaged or truncated ({exc}). The save or download did not complete; save or "
+                "download the adapter again."
+            ) from exc
+
+    safe_load_file._geolora_wrapped = True
+    save_and_load.safe_load_file = safe_load_file
 
 
 def check_adapter_dir(path: Union[str, os.PathLike]) -> None:
