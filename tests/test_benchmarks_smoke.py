@@ -220,3 +220,16 @@ def test_rank_trajectory_runs_an_ablation_variant_with_its_settings(tmp_path) ->
     assert "geolora.tau=0.4" in data["runs"]["2"]["command"]
     suite_lr = suite.chosen_lrs(suite.RESULTS)["geolora"]
     assert data["lr"] == suite.variant_lrs([variant], suite_lr, suite.RESULTS)[variant]
+
+
+def test_soak_smoke_stays_finite_orthonormal_and_flat() -> None:
+    """The soak benchmark's checks on a short run, in fp32 and under bf16 autocast (the full run: soak.json)."""
+    import soak
+
+    data = soak.main(["--steps", "200", "--smoke"])
+    assert [run["precision"] for run in data["runs"]] == ["fp32", "bf16"]
+    for run in data["runs"]:
+        summary = run["summary"]
+        assert summary["all_finite"] and summary["max_orthonormality_error"] < 1e-5
+        assert [row["step"] for row in run["trajectory"]] == [100, 200]
+        assert all(row["total_rank_kept"] > 0 and row["rss_mb"] > 0 for row in run["trajectory"])
