@@ -1,4 +1,5 @@
-"""The adapters one :class:`~peft_geolora.RankAllocator` drives: found in the model, batched by shape, rewritten in place.
+"""The adapters one :class:`~peft_geolora.RankAllocator` drives: found in the model, batched by shape, rewritten in
+place.
 
 Every adapter stores ``U`` (m × R), ``S`` (R × R) and ``V`` (n × R) at a fixed capacity R (notation:
 :mod:`peft_geolora.integrator`); its first r columns (rows and columns of ``S``) are active and everything beyond is
@@ -180,7 +181,8 @@ class AdapterSet:
             a.whole = flat[3 * i : 3 * i + 3]
 
     def release(self) -> None:
-        """After a rewrite: write each process's shard of the gathered factors back; tell the layers they are current."""
+        """After a rewrite: write each process's shard of the gathered factors back; tell the layers they are
+        current."""
         for a in self.items:
             if a.whole is not None:
                 for param, whole in zip(a.parameters(), a.whole):

@@ -193,7 +193,8 @@ class CoefficientRule(StepRule):
         self.state.num_steps = step
 
     def _stack_gradients(self, members: list[int], r: int, cd: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """The gradients taken at the pre-step hook: G V (B, m, r), Uᵀ G V (B, r, r), Gᵀ U (B, n, r); zero if absent."""
+        """The gradients taken at the pre-step hook: G V (B, m, r), Uᵀ G V (B, r, r), Gᵀ U (B, n, r); zero if
+        absent."""
         out = []
         for f, (rows, cols) in enumerate(((None, r), (r, r), (None, r))):
             stacked = []

@@ -69,8 +69,8 @@ class GeoLoraConfig(PeftConfig):
         default=1, metadata={"help": "Smallest rank a layer keeps after truncation (>= 1).", "allocator": True}
     )
     # 0.5 with the default step rule and growth test (growth_tol=0.1): on the suite's tasks it keeps about 42 % of
-    # LoRA r=8's parameters (0.4: 52 %); with step_rule="coefficient" 0.15 keeps about half (docs/research.md, "Choosing the
-    # defaults").
+    # LoRA r=8's parameters (0.4: 52 %); with step_rule="coefficient" 0.15 keeps about half (docs/research.md,
+    # "Choosing the defaults").
     tau: float = field(
         default=0.5,
         metadata={
@@ -173,7 +173,8 @@ class GeoLoraConfig(PeftConfig):
     # 0.1 by measurement: the growth test sets how far an adapter started small can grow (under Adam every entry of
     # the cycle's step moves by about lr, so its norm grows with the adapter's width while one direction's growth
     # does not); at 0.2 adapters started at r = 1 stop at about 3 directions and the final size depends on the
-    # initial rank (+-32.8 % on trec6), at 0.1 they grow to where the others settle (docs/research.md, "Choosing the defaults").
+    # initial rank (+-32.8 % on trec6), at 0.1 they grow to where the others settle (docs/research.md, "Choosing the
+    # defaults").
     growth_tol: Optional[float] = field(
         default=0.1,
         metadata={
@@ -300,9 +301,9 @@ class GeoLoraConfig(PeftConfig):
 
 
 def _read_retired_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Settings written by 0.1.x: ``schedule="step"`` becomes ``cycle_length=0``, and the settings of step variants that
-    0.2.0 removed (:data:`RETIRED_SETTINGS`, ``step_rule="split"``) are dropped, with a warning that names each one
-    whose value trained differently from the default step. None of them changes what a saved adapter computes."""
+    """Settings written by 0.1.x: ``schedule="step"`` becomes ``cycle_length=0``, and the settings of step variants
+    that 0.2.0 removed (:data:`RETIRED_SETTINGS`, ``step_rule="split"``) are dropped, with a warning that names each
+    one whose value trained differently from the default step. None of them changes what a saved adapter computes."""
     kwargs = dict(kwargs)
     if kwargs.pop("schedule", "cycle") == "step":
         kwargs["cycle_length"] = 0

@@ -23,11 +23,13 @@ One GeoLoRA step (Schotthöfer et al., arXiv 2410.18720, Algorithm 1) with learn
 4. the augmented coefficients :func:`assemble_coefficients`
    ``Ŝ = [[S⁺, L⁺ᵀ Ṽ], [Ũᵀ K⁺, 0]]``, so that ``Û Ŝ V̂ᵀ = U S Vᵀ − λ P_T(G)`` (the step projected onto the
    tangent space of the rank-r manifold at ``U S Vᵀ``);
-5. the small SVD ``Ŝ = P Σ Qᵀ`` and truncation to ``r₁`` values (the rank rule, :mod:`peft_geolora.truncation`): ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← Σ[:r₁, :r₁]``.
+5. the small SVD ``Ŝ = P Σ Qᵀ`` and truncation to ``r₁`` values (the rank rule, :mod:`peft_geolora.truncation`):
+   ``U ← Û P[:, :r₁]``, ``V ← V̂ Q[:, :r₁]``, ``S ← Σ[:r₁, :r₁]``.
 
 Who moves U, S and V
 --------------------
-The layer exposes, through :class:`~peft_geolora.gradients.GeoLoraFunction`, the K-gradient ``G V`` as the gradient of ``U``, the
+The layer exposes, through :class:`~peft_geolora.gradients.GeoLoraFunction`, the K-gradient ``G V`` as the gradient
+of ``U``, the
 L-gradient ``Gᵀ U`` as that of ``V`` and the S-gradient ``Uᵀ G V`` as that of ``S``. Under the default step rule
 (:mod:`peft_geolora.optimizer_rule`) the user's optimizer steps ``U``, ``S``, ``V`` and the allocator reads the
 proposed changes ``ΔU``, ``ΔV`` in place of steps 2-3 (``Ũᵀ ΔU = −λ Ũᵀ G V`` for SGD). Under

@@ -234,8 +234,9 @@ def check_finite_float(key: str, tensor: torch.Tensor) -> None:
         )
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(
-            f"GeoLoRA checkpoint tensor `{key}` holds non-finite values (NaN or inf): the adapter was saved from a run "
-            "that diverged, or the file is damaged. Load a checkpoint from before the divergence, or save it again."
+            f"GeoLoRA checkpoint tensor `{key}` holds non-finite values (NaN or inf): the adapter was saved from a "
+            "run that diverged, or the file is damaged. Load a checkpoint from before the divergence, or save it "
+            "again."
         )
 
 

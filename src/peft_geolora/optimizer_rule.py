@@ -7,7 +7,8 @@ Within a cycle (:mod:`peft_geolora.schedule`), for every adapter:
   (:data:`RELATIVE_STEP_ABOVE`, :func:`~peft_geolora.integrator.relative_step`): ``S ← d S₀ + g (S₁ − d S₀)`` with
   ``g = max(1, ‖s S₀‖_F / ρ)``, so a large adapter moves in proportion to its size, as its bases' moves do.
 * **The first step** (augmentation) reads the optimizer's proposed moves ``dU = U₁ − U₀``, ``dV = V₁ − V₀`` and
-  augments the bases with their parts orthogonal to ``U₀``, ``V₀`` (QR, :func:`~peft_geolora.step_rule.new_directions`):
+  augments the bases with their parts orthogonal to ``U₀``, ``V₀`` (QR,
+  :func:`~peft_geolora.step_rule.new_directions`):
   ``Û = [U₀ | Ũ]``, ``V̂ = [V₀ | Ṽ]``, ``Ŝ = [[S₁, dVᵀ Ṽ], [Ũᵀ dU, 0]]``
   (:func:`~peft_geolora.integrator.assemble_coefficients`). The optimizer's state of the new entries starts at the
   mean second moment of the established ones (:func:`~peft_geolora.optimizer_state.pad_state`), so a new entry moves
@@ -163,7 +164,8 @@ class OptimizerRule(StepRule):
         optimizer_state.copy_all(targets, sources)
 
     def _augment(self) -> list[Batch]:
-        """Every adapter augmented with the optimizer's proposed directions: ``Û = [U₀ | Ũ]``, ``Ŝ``, ``V̂ = [V₀ | Ṽ]``.
+        """Every adapter augmented with the optimizer's proposed directions: ``Û = [U₀ | Ũ]``, ``Ŝ``,
+        ``V̂ = [V₀ | Ṽ]``.
 
         The optimizer's state of the new entries starts at the mean second moment of the established ones, and ``Ŝ``
         is remembered as the cycle's start.

@@ -30,7 +30,9 @@ RUNAWAY_RATIO = 100.0
 
 def base_norm(weight: Optional[torch.Tensor]) -> float:
     """``‖W₀‖_F`` of a plain floating-point base weight; 0 where it cannot be read cheaply (quantized, sharded)."""
-    if weight is None or not weight.is_floating_point() or hasattr(weight, "quant_state") or sharding.is_sharded(weight):
+    if weight is None or not weight.is_floating_point():
+        return 0.0
+    if hasattr(weight, "quant_state") or sharding.is_sharded(weight):
         return 0.0
     return float(torch.linalg.vector_norm(weight.detach().float()))
 
@@ -50,11 +52,14 @@ class RunawayWatch:
     def check(self, members: list[int], sigma: torch.Tensor, ranks: list[int]) -> None:
         """``sigma`` (B, k): the singular values of the batch ``members`` after a truncation to ``ranks``."""
         lr, lora_alpha = self.group["lr"], self.lora_alpha
-        for b, (i, r1) in enumerate(zip(members, ranks)):
+        positions = torch.arange(sigma.shape[-1], device=sigma.device)
+        kept = positions[None, :] < torch.tensor(ranks, device=sigma.device)[:, None]
+        norms = torch.linalg.vector_norm(sigma * kept, dim=-1).tolist()  # ‖σ[:r₁]‖ per adapter, one transfer
+        for b, i in enumerate(members):
             if i in self.reported:
                 continue
             a = self.adapters[i]
-            norm = abs(a.scaling) * float(torch.linalg.vector_norm(sigma[b, :r1]))
+            norm = abs(a.scaling) * norms[b]
             if norm > self.bounds[i] or not math.isfinite(norm):
                 self.reported.add(i)
                 warnings.warn(

@@ -2,7 +2,8 @@
 
 Why: Adam and AdamW normalise every gradient entry, so each coefficient of ``S`` moves by about ``lr`` per step
 whatever the gradient's size, and ``ΔW`` moves by about ``s · lr``. The product ``s · lr`` alone sets how fast the
-adapter learns, and every step rule trains over only about one decade of it (docs/research.md, "Choosing the defaults").
+adapter learns, and every step rule trains over only about one decade of it (docs/research.md, "Choosing the
+defaults").
 With ``lora_alpha="auto"`` the allocator therefore sets
 
 .. math::  s = \\frac{\\lambda_\\star}{\\mathrm{lr}_{\\max}}, \\qquad \\lambda_\\star = 5 \\cdot 10^{-3}
@@ -54,7 +55,8 @@ def auto_scale(group: dict[str, Any]) -> float:
 def resolve_auto_scale(
     optimizer: torch.optim.Optimizer, adapters: AdapterSet, configs: tuple[GeoLoraConfig, ...]
 ) -> None:
-    """``lora_alpha="auto"``: write :func:`auto_scale` of the group holding the adapters' ``S`` into every layer and into
+    """``lora_alpha="auto"``: write :func:`auto_scale` of the group holding the adapters' ``S`` into every layer and
+    into
     ``configs`` (the model's config is saved with the adapter: resolving it completes the adapter's creation, and a
     resumed run resolves it to the same value from the same optimizer)."""
     value = auto_scale(optimizer.param_groups[group_index_of(optimizer, adapters[0].S)])

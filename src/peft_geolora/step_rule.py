@@ -1,4 +1,5 @@
-"""The interface between the allocator and a step rule: who steps the factors within a cycle, and what state they carry.
+"""The interface between the allocator and a step rule: who steps the factors within a cycle, and what state they
+carry.
 
 The :class:`~peft_geolora.RankAllocator` owns the schedule, the truncation and the rewrite of the adapters; a step
 rule owns what happens between an ``optimizer.step()`` and that rewrite. Two rules implement it:

@@ -244,7 +244,8 @@ def _budget_ranks(
 
 @dataclass
 class Truncated:
-    """One batch after its truncation: ``U`` (B, m, k) = ``Û P`` and ``V`` (B, n, k) = ``V̂ Q`` (to be cut to ``ranks``),
+    """One batch after its truncation: ``U`` (B, m, k) = ``Û P`` and ``V`` (B, n, k) = ``V̂ Q`` (to be cut to
+    ``ranks``),
     the SVD ``Ŝ = P Σ Qᵀ`` (P, Q (B, k, k), sigma (B, k)), and the rank each member keeps."""
 
     batch: Batch
