@@ -70,6 +70,15 @@ class CoefficientState:
             target[:k, :k] = value.to(target.dtype)
         self.exp_avg_sq[i].copy_(exp_avg_sq)
 
+    def stacked(
+        self, members: list[int], r: int, cd: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active state of ``members`` in the compute dtype ``cd``: ``M`` (B, r, r), ``v`` (B,), ``Ŝ₀`` (B, r, r)."""
+        M = torch.stack([self.exp_avg[i][:r, :r] for i in members]).to(cd)
+        v = torch.stack([self.exp_avg_sq[i] for i in members]).to(cd)
+        S0 = torch.stack([self.cycle_start[i][:r, :r] for i in members]).to(cd)
+        return M, v, S0
+
     def state_dict(self, names: list[str]) -> dict[str, Any]:
         tensors = {}
         for name, M, v, S0 in zip(names, self.exp_avg, self.exp_avg_sq, self.cycle_start):
@@ -133,8 +142,7 @@ class CoefficientRule(StepRule):
             cd = integrator.compute_dtype(dtype)
             U, S, V = self.adapters.stack(members, r, cd)
             GU, GS, GV = self._stack_gradients(members, r, cd)  # G V, Uᵀ G V, Gᵀ U
-            M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
-            v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
+            M, v, S0 = state.stacked(members, r, cd)
             if augment:
                 U_tilde, V_tilde = new_directions(U, GU, V, GV, capacity - r)
                 k = U_tilde.shape[-1]
@@ -145,7 +153,6 @@ class CoefficientRule(StepRule):
                 num_entries = (r + k) ** 2 - k**2  # the lower-right block of Ĝ is zero by construction
             else:
                 G_hat = GS
-                S0 = torch.stack([state.cycle_start[i][:r, :r] for i in members]).to(cd)
                 num_entries = r * r
             S, M, v = self._step_coefficients(S, G_hat, M, v, num_entries, self._hyper[group])
             out.append(Batch(members, U, S, V, S0=S0, M=M, v=v))
@@ -154,14 +161,10 @@ class CoefficientRule(StepRule):
 
     def batches(self) -> list[Batch]:
         out = []
-        state = self.state
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups(self.group_of).items():
             cd = integrator.compute_dtype(dtype)
-            batch = Batch(members, *self.adapters.stack(members, r, cd))
-            batch.M = torch.stack([state.exp_avg[i][:r, :r] for i in members]).to(cd)
-            batch.v = torch.stack([state.exp_avg_sq[i] for i in members]).to(cd)
-            batch.S0 = torch.stack([state.cycle_start[i][:r, :r] for i in members]).to(cd)
-            out.append(batch)
+            M, v, S0 = self.state.stacked(members, r, cd)
+            out.append(Batch(members, *self.adapters.stack(members, r, cd), S0=S0, M=M, v=v))
         return out
 
     def keep(self, batches: list[Batch]) -> None:
