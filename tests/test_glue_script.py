@@ -167,6 +167,44 @@ def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, t
         assert results["ranks"] and all(r <= 32 for r in results["ranks"].values())
 
 
+@pytest.mark.parametrize("loop", ["accelerate", "trainer"])
+def test_every_logged_rank_is_the_kept_adapters(loop: str, tiny_deberta: Path, tmp_path: Path) -> None:
+    """results.json's log (the progress bar's values, or the Trainer's logs) gives the kept adapters' total rank and
+    parameters at every logged step, also inside an open rank cycle (the default cycle of 4 steps)."""
+    results = run_glue.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "glue" / "rte.yaml"),
+            "--model_name_or_path",
+            str(tiny_deberta),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--train_file",
+            _write(tmp_path / "train.tsv", _rows("rte", 48, 0), "tsv"),
+            "--validation_file",
+            _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
+            *(["--trainer"] if loop == "trainer" else []),
+            "--no_save",
+            "--set",
+            "max_steps=20",
+            "batch_size=4",
+            "max_length=32",
+            "warmup=1",
+            "lr=2e-2",
+            "geolora.tau=0.5",
+        ]
+    )
+    history, initial = results["rank_history"], results["initial_ranks"]
+    assert any(history.values()), "ranks never changed: the test would not test the logs"
+    log = results["log"]
+    if loop == "accelerate":
+        assert [row["step"] for row in log] == list(range(1, 21))
+    assert len(log) >= 19
+    for row in log[:-1]:  # the last: run_glue's allocator.finish() may close an open cycle after it, at the same step
+        kept = {n: ([r for t, r in history.get(n, []) if t <= row["step"]] or [initial[n]])[-1] for n in initial}
+        assert row["geolora_total_rank"] == sum(kept.values()), row
+
+
 def test_metrics_match_their_definitions() -> None:
     import numpy as np
 

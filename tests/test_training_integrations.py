@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from datasets import Dataset
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import Trainer, TrainingArguments
 
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 
 from .processes import launch_two_processes
-from .tiny_models import build, classification_dataset, inputs
+from .tiny_models import CONFIGS, VOCAB, build, classification_dataset, inputs
 
 
 STEP_RULES = ["optimizer", "coefficient"]
@@ -83,27 +85,67 @@ def test_trainer_adapts_ranks_logs_them_and_resumes_exactly(tmp_path: Path, step
     assert resumed_callback.allocator.rank_history() == callback.allocator.rank_history()
 
 
-def test_every_logged_rank_and_parameter_count_is_the_kept_adapters(tmp_path: Path) -> None:
-    """With the default cycle (augment, 2 S-only steps, truncate) most logged steps fall inside an open cycle: the logs
-    report the kept adapter there (what the rank history says, and what a checkpoint would hold), never the transient
-    augmented one."""
-    trainer = _trainer(tmp_path, max_steps=24, cycle_length=3, tau=0.5)
-    trainer.args.logging_steps = 1
-    trainer.train()
+def _assert_every_log_is_kept(trainer: Trainer, steps: int, initial_rank: int) -> None:
+    """Every step's logged ``geolora_total_rank`` and ``geolora_adapter_params`` are the kept adapters' (what the
+    rank history says and a checkpoint would hold), never an open cycle's transient augmented ones."""
     allocator = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GeoLoraCallback)).allocator
     history = allocator.rank_history()
     sizes = {a.name: a.U.shape[0] + a.V.shape[0] for a in allocator.adapters}
 
     def kept_at(step: int) -> dict[str, int]:
-        return {name: ([r for t, r in events if t <= step] or [4])[-1] for name, events in history.items()}
+        return {name: ([r for t, r in events if t <= step] or [initial_rank])[-1] for name, events in history.items()}
 
     logged = [row for row in trainer.state.log_history if "geolora_total_rank" in row]
-    assert sorted({row["step"] for row in logged}) == list(range(1, 25))  # step 24 twice: its log and the summary
+    assert sorted({row["step"] for row in logged}) == list(range(1, steps + 1))  # the last twice: log and summary
     for row in logged:
         kept = kept_at(row["step"])
         assert row["geolora_total_rank"] == sum(kept.values()), row
         assert row["geolora_adapter_params"] == sum(r * (sizes[n] + r) for n, r in kept.items()), row
     assert any(events for events in history.values()), "ranks never changed: the test would not test the logs"
+
+
+def test_every_logged_rank_and_parameter_count_is_the_kept_adapters(tmp_path: Path) -> None:
+    """With the default cycle (augment, 2 S-only steps, truncate) most logged steps fall inside an open cycle."""
+    trainer = _trainer(tmp_path, max_steps=24, cycle_length=3, tau=0.5)
+    trainer.args.logging_steps = 1
+    trainer.train()
+    _assert_every_log_is_kept(trainer, 24, initial_rank=4)
+
+
+def test_trl_sft_logs_the_kept_adapters(tmp_path: Path) -> None:
+    """TRL's SFTTrainer (a Trainer subclass with its own logs) on a tiny Llama, every linear layer: the same logs."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS["llama"][0]))
+    words = models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(words), pad_token="t0", eos_token="t2")
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(3, VOCAB, (64, 12), generator=g).tolist()})
+    config = GeoLoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=4, max_rank=6, tau=0.5)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=get_peft_model(model, config),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[GeoLoraCallback()],
+    )
+    trainer.train()
+    _assert_every_log_is_kept(trainer, 12, initial_rank=4)
 
 
 def test_trainer_resumes_exactly_with_the_scale_set_from_the_learning_rate(tmp_path: Path) -> None:

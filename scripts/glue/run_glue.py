@@ -247,7 +247,8 @@ def evaluation_splits(task: Task, data: dict[str, Any]) -> list[str]:
 
 
 def train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps):
-    """The accelerate loop; returns (model, allocator, metrics, losses, step_times, steps)."""
+    """The accelerate loop; returns (model, allocator, metrics, losses, step_times, steps, log): ``log`` holds every
+    step's loss and, for GeoLoRA, the kept adapters' total rank and parameters (what the progress bar shows)."""
     method = config["method"]
     train_loader = DataLoader(data["train"], shuffle=True, batch_size=config.get("batch_size", 32), collate_fn=collate)
     eval_loaders = {
@@ -260,7 +261,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
         model, optimizer, train_loader, scheduler, *eval_loaders.values()
     )
     allocator = RankAllocator(model, optimizer) if method == "geolora" else None
-    step, losses, step_times = 0, [], []
+    step, losses, step_times, log = 0, [], [], []
     progress = tqdm(total=total_steps, desc=f"{method} {config['task']}", disable=not accelerator.is_main_process)
     model.train()
     while step < total_steps:
@@ -285,9 +286,12 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
             step_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
             postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
-            if allocator is not None:
-                postfix["rank"] = allocator.total_rank(kept=True)  # not an open cycle's transient augmented rank
-                postfix["params"] = f"{allocator.num_adapter_parameters(kept=True):,}"
+            row = {"step": step, "loss": losses[-1]}
+            if allocator is not None:  # the kept adapters, not an open cycle's transient augmented ones
+                row["geolora_total_rank"] = postfix["rank"] = allocator.total_rank(kept=True)
+                row["geolora_adapter_params"] = allocator.num_adapter_parameters(kept=True)
+                postfix["params"] = f"{row['geolora_adapter_params']:,}"
+            log.append(row)
             progress.set_postfix(postfix)
             progress.update(1)
             if step >= total_steps:
@@ -296,7 +300,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
     if allocator is not None:
         allocator.finish()  # end on a truncation: the adapter keeps its kept ranks, not an open cycle's
     metrics = {split: evaluate(model, loader, accelerator, task) for split, loader in zip(eval_loaders, eval_list)}
-    return accelerator.unwrap_model(model), allocator, metrics, losses, step_times, step
+    return accelerator.unwrap_model(model), allocator, metrics, losses, step_times, step, log
 
 
 class _AdaLoraCallback(TrainerCallback):
@@ -344,8 +348,13 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
         pred = logits.squeeze(-1) if task.num_labels == 1 else logits.argmax(-1)
         metrics[split] = score(task, pred, output.label_ids)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    log = [
+        {k: row[k] for k in ("step", "loss", "geolora_total_rank", "geolora_adapter_params") if k in row}
+        for row in trainer.state.log_history
+        if "loss" in row
+    ]
     allocator = callback.allocator if isinstance(callback, GeoLoraCallback) else None
-    return trainer.model, allocator, metrics, losses, [elapsed / total_steps], trainer.state.global_step
+    return trainer.model, allocator, metrics, losses, [elapsed / total_steps], trainer.state.global_step, log
 
 
 def plot_ranks(history: dict[str, list[tuple[int, int]]], initial: dict[str, int], steps: int, path: Path) -> None:
@@ -444,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trained = train_trainer(model, data, config, task, collate, total_steps, warmup_steps, output_dir / "trainer")
     else:
         trained = train_accelerate(model, data, config, task, accelerator, collate, total_steps, warmup_steps)
-    model, allocator, metrics, losses, step_times, steps = trained
+    model, allocator, metrics, losses, step_times, steps, log = trained
 
     results = {
         "task": config["task"],
@@ -462,6 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ranks": allocator.ranks() if allocator else None,
         "initial_ranks": initial_ranks if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
+        "log": log,
         "steps": steps,
         "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
         "median_step_s": float(np.median(step_times)),

@@ -6,10 +6,13 @@ import json
 import os
 from typing import Any, Optional
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .allocator import RankAllocator
+from .loading import DamagedAdapterError
+from .model import check_finite_float
 
 
 ALLOCATOR_STATE_NAME = "geolora_allocator.json"
@@ -31,8 +34,13 @@ def load_allocator_state(allocator: RankAllocator, folder: str) -> bool:
     path = os.path.join(folder, ALLOCATOR_STATE_NAME)
     if not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedAdapterError(
+            f"{path} is damaged ({exc}): the checkpoint was not written completely. Resume from another checkpoint."
+        ) from exc
     steps = state.pop("rule_num_steps", state.pop("coefficient_num_steps", None))  # "coefficient_…": 0.1.x
     if steps is not None:
         tensors = os.path.join(folder, ALLOCATOR_TENSORS_NAME)
@@ -40,7 +48,16 @@ def load_allocator_state(allocator: RankAllocator, folder: str) -> bool:
             raise FileNotFoundError(
                 f"{path} records a step-rule state but {tensors} is missing: the checkpoint is incomplete."
             )
-        state["rule"] = {"num_steps": steps, "tensors": load_file(tensors)}
+        try:
+            rule_tensors = load_file(tensors)
+        except SafetensorError as exc:
+            raise DamagedAdapterError(
+                f"{tensors} is damaged or truncated ({exc}): the checkpoint was not written completely. Resume from "
+                "another checkpoint."
+            ) from exc
+        for key, tensor in rule_tensors.items():
+            check_finite_float(f"{tensors}: {key}", tensor)
+        state["rule"] = {"num_steps": steps, "tensors": rule_tensors}
     allocator.load_state_dict(state)
     return True
 

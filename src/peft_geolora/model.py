@@ -163,6 +163,7 @@ class GeoLoraModel(BaseTuner):
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
         live_shapes = {k: v.shape for k, v in model.state_dict().items() if f".{PREFIX}" in k}
+        _check_layers_match(remapped, live_shapes, adapter_name)
         for key, tensor in remapped.items():  # the factors are checked with their shapes below; here the rest
             if tensor.is_floating_point() and _FACTOR_KEY.match(key) is None:
                 check_finite_float(key, tensor)
@@ -191,6 +192,28 @@ class GeoLoraModel(BaseTuner):
             if isinstance(module, GeoLoraLayer):
                 module.expected_rank.pop(adapter_name, None)
         return remapped
+
+
+def _check_layers_match(state_dict: dict[str, torch.Tensor], live_shapes: dict[str, torch.Size], adapter: str) -> None:
+    """The checkpoint's GeoLoRA layers are the model's: a factor for a layer the model lacks, or a layer of the model
+    without its factors, would load as a different model (PEFT loads non-strictly). A state dict without any factor
+    (e.g. only a head, as ``geolora_from_lora`` loads) is a partial load and is not held to the model's layers."""
+    in_file = {k for k in state_dict if _FACTOR_KEY.match(k)}
+    expected = {k for k in live_shapes if _FACTOR_KEY.match(k) and k.endswith(f".{adapter}")}
+    unexpected, missing = sorted(in_file - set(live_shapes)), sorted(expected - in_file) if in_file else []
+    if unexpected:
+        raise ValueError(
+            f"The GeoLoRA checkpoint has `{unexpected[0]}`"
+            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}, but the model has no such "
+            "GeoLoRA layer: the adapter was saved for another base model or `target_modules`. Load it onto the base "
+            "model it was trained on."
+        )
+    if missing:
+        raise ValueError(
+            f"The GeoLoRA checkpoint lacks `{missing[0]}`"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, a layer of the model: the adapter was "
+            "saved for another base model or `target_modules`, or the file is damaged."
+        )
 
 
 def _conv_kernel(conv: nn.Conv2d) -> list[int]:
