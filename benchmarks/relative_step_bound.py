@@ -8,10 +8,11 @@ The default step scales the optimizer's adaptive step of ``S`` by a gain ``g(x)`
 scale-free: under Adam's noise the norm performs a multiplicative random walk, which grows geometrically whatever the
 weight decay (both scale with ``‖S‖``). The gains compared:
 
-* ``linear``: ``max(1, x)`` (0.2.0);
+* ``linear``: ``max(1, x)`` (0.2.0 as first released);
 * ``sqrt``: ``max(1, √x)``: LoRA's own feedback (``d(BA) = dB A + B dA`` with balanced factors of norm ``√‖ΔW‖``
   moves ``ΔW`` by about ``λ √‖ΔW‖``), so AdamW's decay (``∝ ‖S‖``) bounds the norm again;
-* ``cap10``: ``clamp(x, 1, 10)``: relative up to ``‖ΔW‖_F = 10``, absolute above;
+* ``cap10``: ``clamp(x, 1, 10)``: relative up to ``‖ΔW‖_F = 10``, absolute above (chosen: the product's
+  ``RELATIVE_STEP_UP_TO``);
 * ``off``: 1 (the absolute step).
 
 Instruments, each on the same code path as the product (the gain patched into ``integrator.relative_step``):
@@ -64,7 +65,7 @@ GAINS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def patched_relative_step(gain: Callable[[torch.Tensor], torch.Tensor]):
-    def relative_step(S0, S1, scale, rho, kept_after_decay=1.0):
+    def relative_step(S0, S1, scale, rho, kept_after_decay=1.0, rho_max=None):  # rho_max: the gain says it
         x = torch.linalg.matrix_norm(S0, keepdim=True) * (scale / rho)
         return torch.lerp(S0 * kept_after_decay, S1, gain(x).to(S1.dtype))
 

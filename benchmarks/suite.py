@@ -4,6 +4,7 @@
     python benchmarks/suite.py --phase test        # 2. every method at its lr on every task, seeds 0, 1, 2 (test split)
     python benchmarks/suite.py --phase init_rank   # GeoLoRA's final size over initial ranks 1 ... 32
     python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
+    python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -223,6 +224,28 @@ TEST_VARIANTS = (
     "optimizer_mean_growth",
     "optimizer_mean_growth_aug",
 )
+# A LoRA user's recipe brought unchanged (the trust issue): lora_alpha 16 or 32 at the learning rates LoRA users run,
+# on the learning-rate tasks (seed 0, scored on validation and test). LoRA r=8 runs with that alpha (alpha 16 is the
+# suite's LoRA: its lr-phase runs); GeoLoRA runs with a number in lora_alpha read two ways: as its scale
+# (s = lora_alpha, 0.2.0's meaning) and as LoRA's (s = lora_alpha / r with the config's r = 8).
+HABIT_ALPHAS = (16, 32)
+HABIT_LRS = (1e-4, 5e-4, 2e-3)
+HABIT_MEANINGS = {"scale": lambda alpha: alpha, "over_r": lambda alpha: alpha / 8}
+
+
+def habit_runs() -> Iterator[Run]:
+    """The habit phase's runs: each alpha's GeoLoRA meanings and LoRA, alpha 16 first."""
+    for alpha in HABIT_ALPHAS:
+        for lr in HABIT_LRS:
+            for task in LR_TASKS:
+                for meaning, scale in HABIT_MEANINGS.items():
+                    defaults = tuple(o for o in GEOLORA_DEFAULTS if not o.startswith("geolora.lora_alpha="))
+                    overrides = (*defaults, f"geolora.lora_alpha={scale(alpha):g}")
+                    yield Run("habits", task, "geolora", lr, 0, f"alpha{alpha}_{meaning}", overrides)
+                if alpha != 16:
+                    yield Run("habits", task, "lora", lr, 0, f"alpha{alpha}", (f"lora.lora_alpha={alpha}",))
+
+
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -345,6 +368,8 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
     elif phase == "smoke":  # every method on the first task, GeoLoRA on every task, at a middle lr, as test runs
         for method, task in SMOKE_RUNS:
             yield Run("test", task, method, LR_GRID[method][len(LR_GRID[method]) // 2])
+    elif phase == "habits":
+        yield from habit_runs()
     elif phase == "ablation":
         for variant, overrides in RUNNABLE.items():
             for task in LR_TASKS:
@@ -661,7 +686,7 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "all"])
+    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "all"])
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--results_dir", default=str(RESULTS))

@@ -226,10 +226,26 @@ def test_soak_smoke_stays_finite_orthonormal_and_flat() -> None:
     """The soak benchmark's checks on a short run, in fp32 and under bf16 autocast (the full run: soak.json)."""
     import soak
 
-    data = soak.main(["--steps", "200", "--smoke"])
+    data = soak.main(["--steps", "200", "--smoke", "--methods", "geolora"])
     assert [run["precision"] for run in data["runs"]] == ["fp32", "bf16"]
     for run in data["runs"]:
         summary = run["summary"]
         assert summary["all_finite"] and summary["max_orthonormality_error"] < 1e-5
         assert [row["step"] for row in run["trajectory"]] == [100, 200]
         assert all(row["total_rank_kept"] > 0 and row["rss_mb"] > 0 for row in run["trajectory"])
+
+
+def test_relative_step_bound_smoke_runs_every_gain_on_every_instrument() -> None:
+    """The relative-step study's instruments on one case each (the full run: relative_step_bound.json); the product's
+    own step is restored afterwards."""
+    import relative_step_bound
+
+    from peft_geolora import integrator
+
+    original = integrator.relative_step
+    data = relative_step_bound.main(["--smoke"])
+    assert integrator.relative_step is original
+    assert [row["gain"] for row in data["rows"]] == list(relative_step_bound.GAINS)
+    for row in data["rows"]:
+        assert row["rank_recovery"]["cases"] == 1 and row["soak_fp32"]["all_finite"]
+        assert all(row[k] > 0 for k in ("divergence_alpha16_lr2e-2", "divergence_alpha16_lr2e-3", "defaults_lr2e-2"))

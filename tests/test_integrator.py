@@ -308,14 +308,17 @@ def test_protected_truncation_keeps_fast_growing_directions() -> None:
 
 @settings(deadline=None, max_examples=30)
 @given(
-    size=st.floats(0.01, 20.0),
+    size=st.floats(0.01, 200.0),
     rho=st.floats(0.1, 5.0),
+    ceiling=st.sampled_from([10.0, 50.0, float("inf")]),
     scale=st.floats(0.05, 4.0),
     decay=st.sampled_from([0.0, 1e-4, 3e-3]),
 )
-def test_relative_step_scales_the_adaptive_move_above_rho(size: float, rho: float, scale: float, decay: float) -> None:
+def test_relative_step_scales_the_adaptive_move_between_rho_and_its_ceiling(
+    size: float, rho: float, ceiling: float, scale: float, decay: float
+) -> None:
     """Below ρ the optimizer's step is untouched; above it the move beyond the decoupled decay is scaled by
-    ‖s S₀‖_F / ρ, so ΔW's step is that fraction of ‖ΔW‖_F; batched entries are independent."""
+    ‖s S₀‖_F / ρ, so ΔW's step is that fraction of ‖ΔW‖_F, up to ρ_max / ρ; batched entries are independent."""
     g = torch.Generator().manual_seed(0)
     S0 = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
     S0 = S0 / torch.linalg.matrix_norm(S0, keepdim=True) * torch.tensor([size, size / 1000])[:, None, None] / scale
@@ -323,10 +326,10 @@ def test_relative_step_scales_the_adaptive_move_above_rho(size: float, rho: floa
     kept = 1.0 - decay
     S1 = kept * S0 + adaptive  # what AdamW writes: decay, then the adaptive move
 
-    out = I.relative_step(S0, S1, scale, rho, kept)
+    out = I.relative_step(S0, S1, scale, rho, kept, ceiling)
 
     for b in range(2):
-        gain = max(1.0, float(torch.linalg.matrix_norm(scale * S0[b])) / rho)
+        gain = min(max(1.0, float(torch.linalg.matrix_norm(scale * S0[b])) / rho), ceiling / rho)
         torch.testing.assert_close(out[b], kept * S0[b] + gain * adaptive[b], rtol=1e-12, atol=1e-15)
     if size / 1000 <= rho:
         assert torch.equal(out[1], S1[1])

@@ -45,6 +45,8 @@ inputs) whatever the model dtype. Every function is batched over leading ``...``
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -233,22 +235,26 @@ def relative_step(
     scale: Union[float, torch.Tensor],
     rho: float,
     kept_after_decay: Union[float, torch.Tensor] = 1.0,
+    rho_max: float = math.inf,
 ) -> torch.Tensor:
-    r"""An optimizer's step of ``S`` made relative above the adapter size ``ρ``.
+    r"""An optimizer's step of ``S`` made relative between the adapter sizes ``ρ`` and ``ρ_max``.
 
-    .. math::  g = \max\!\Big(1, \frac{\lVert s S_0 \rVert_F}{\rho}\Big),\qquad
+    .. math::  g = \frac{\operatorname{clamp}(\lVert s S_0 \rVert_F,\ \rho,\ \rho_{\max})}{\rho},\qquad
                S \leftarrow d S_0 + g\, (S_1 - d S_0)
 
     ``S₀`` is ``S`` before the step and ``S₁`` after it; ``d = 1 − λ w`` is the part of ``S₀`` a decoupled weight
     decay keeps (AdamW; 1 otherwise), so only the adaptive move is scaled. Adam moves every entry by about λ whatever
     the adapter's size, so ``ΔW = s U S Vᵀ`` moves by an absolute ``s λ``; scaled by ``g`` it moves in proportion to
     ``‖ΔW‖_F = ‖s S‖_F`` once that exceeds ρ, as the bases' moves already do (``dU`` changes ``ΔW`` by
-    ``s dU S Vᵀ``) and as LoRA's factor product does. Below ρ, ``S₁`` is returned unchanged.
+    ``s dU S Vᵀ``). Below ρ, ``S₁`` is returned unchanged. Above ``ρ_max`` the gain stays ``ρ_max / ρ``: a step in
+    proportion to the adapter is scale-free, so under the noise of a plateau its norm would take a multiplicative
+    random walk and grow geometrically, which no weight decay (itself in proportion) can hold; with the ceiling the
+    step is absolute again there, and growth is additive at most.
 
     Shapes: S0, S1 (..., a, b) → (..., a, b); ``scale`` and ``kept_after_decay`` numbers or (..., 1, 1).
     """
-    norm = torch.linalg.matrix_norm(S0, keepdim=True)  # (..., 1, 1)
-    gain = torch.clamp(norm * (scale / rho), min=1.0).to(S1.dtype)
+    norm = torch.linalg.matrix_norm(S0, keepdim=True) * scale  # (..., 1, 1)
+    gain = (torch.clamp(norm, min=rho, max=rho_max) / rho).to(S1.dtype)
     return torch.lerp(S0 * kept_after_decay, S1, gain)
 
 
