@@ -239,7 +239,6 @@ def test_relative_step_bound_smoke_runs_every_gain_on_every_instrument() -> None
     """The relative-step study's instruments on one case each (the full run: relative_step_bound.json); the product's
     own step is restored afterwards."""
     import relative_step_bound
-
     from peft_geolora import integrator
 
     original = integrator.relative_step

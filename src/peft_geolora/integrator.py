@@ -46,7 +46,6 @@ inputs) whatever the model dtype. Every function is batched over leading ``...``
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Union
 
 import torch
