@@ -3,11 +3,14 @@
     torchrun --nproc_per_node 2 benchmarks/fsdp_gather.py [--steps 12] [--out benchmarks/results/fsdp_gather_cpu.json]
 
 The model is the adapted part of DeBERTaV3-base: 12 blocks of query/key/value/output (768 × 768), intermediate
-(768 → 3072) and output (3072 → 768) Linears, 72 adapters, r = 8, max_rank = 16 (capacity 32), coefficient rule,
-cycle schedule. Each process trains on its own batch of 8 × 128 tokens. Measured side by side in one launch, per
-optimizer step: ``optimizer.step()`` (under FSDP2 its pre-step hook gathers the factor gradients whole) and
+(768 → 3072) and output (3072 → 768) Linears, 72 adapters, r = 8, max_rank = 16 (capacity 32), cycle schedule; the
+package's default step, and the coefficient rule (tau 0.15) beside it. Each process trains on its own batch of
+8 × 128 tokens. Measured side by side in one launch, per optimizer step: ``optimizer.step()`` (under FSDP2 its
+pre-step hook gathers the factors whole (default step) or their gradients (coefficient rule)) and
 ``allocator.step()`` (under FSDP2 it gathers the factors, steps them, broadcasts process 0's result and writes each
-process's shard back). Reported: median times, the bytes each process gathers per step, CPU time / wall time.
+process's shard back; the default step also gathers the optimizer's moments of the factors at augmentations and
+truncations). Reported: median times (and the mean, which counts the cycles' augmentations and truncations), the
+bytes each process gathers, CPU time / wall time.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, blocks: int = BLOCKS) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -55,11 +58,12 @@ class Stack(nn.Module):
         return x
 
 
-def run(kind: str, steps: int) -> dict[str, float]:
+def run(kind: str, steps: int, step_rule: str, blocks: int = BLOCKS) -> dict[str, float]:
     torch.manual_seed(0)
     targets = ["query", "key", "value", "attn_out", "intermediate", "output"]
-    config = GeoLoraConfig(target_modules=targets, r=8, max_rank=16, step_rule="coefficient", tau=0.15)
-    model = get_peft_model(Stack(), config)
+    rule = {"step_rule": "coefficient", "tau": 0.15} if step_rule == "coefficient" else {}
+    config = GeoLoraConfig(target_modules=targets, r=8, max_rank=16, **rule)
+    model = get_peft_model(Stack(blocks), config)
     if kind == "fsdp2":
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for block in model.base_model.model.blocks:
@@ -97,9 +101,12 @@ def run(kind: str, steps: int) -> dict[str, float]:
     )
     return {
         "bytes_per_gather_at_final_ranks": active_bytes,
+        # the default step's gathers of the optimizer's moments (exp_avg, exp_avg_sq of U, S, V at full capacity)
+        "moment_bytes_per_augmentation_or_truncation": 2 * factor_bytes if step_rule == "optimizer" else 0,
         "final_total_rank": sum(m.rank["default"] for m in layers),
         "optimizer_step_ms": round(1000 * statistics.median(optimizer_times), 1),
         "allocator_step_ms": round(1000 * statistics.median(allocator_times), 1),
+        "allocator_step_mean_ms": round(1000 * statistics.mean(allocator_times), 1),
         "adapters": len(layers),
         "factor_bytes_whole": factor_bytes,
         "cpu_over_wall": round((time.process_time() - cpu0) / (time.perf_counter() - wall0), 2),
@@ -109,27 +116,38 @@ def run(kind: str, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--blocks", type=int, default=BLOCKS, help="fewer blocks: the smoke test")
     parser.add_argument("--out", default="benchmarks/results/fsdp_gather_cpu.json")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     assert dist.get_world_size() == 2, "launch with torchrun --nproc_per_node 2"
     torch.set_num_threads(1)
-    rows = {kind: run(kind, args.steps) for kind in ("ddp", "fsdp2")}
+    rows = {
+        f"{rule}/{kind}": run(kind, args.steps, rule, args.blocks)
+        for rule in ("optimizer", "coefficient")
+        for kind in ("ddp", "fsdp2")
+    }
     if dist.get_rank() == 0:
         result = {
-            "command": f"torchrun --nproc_per_node 2 benchmarks/fsdp_gather.py --steps {args.steps}",
+            "command": f"torchrun --nproc_per_node 2 benchmarks/fsdp_gather.py --steps {args.steps} --blocks {args.blocks}",
             "machine": f"{platform.machine()}, CPU only, one thread per process",
             "torch": torch.__version__,
             "shape": "DeBERTaV3-base adapted Linears: 12 × (4 × 768², 768→3072, 3072→768), r=8, max_rank=16",
             "what_travels": (
-                "FSDP2, per optimizer step and process: one all-gather of the gradients' active columns (pre-step "
-                "hook), one of the factors' active columns (allocator step), and (as under DDP) process 0's ranks "
-                "and active blocks broadcast; each of the two gathers materialises Σ (m + n + R) r × 4 bytes"
+                "FSDP2, per optimizer step and process: one all-gather of the factors' active columns in the "
+                "pre-step hook (default step: the snapshot before the step; coefficient rule: the gradients'), one "
+                "of the factors' active columns (allocator step), and (as under DDP) process 0's ranks and active "
+                "blocks broadcast; each of the two gathers materialises Σ (m + n + R) r × 4 bytes. The default step "
+                "also gathers the optimizer's two moments of the factors, whole, at each augmentation and truncation "
+                "(twice per cycle of 4 steps)"
             ),
             "runs": rows,
-            "allocator_step_fsdp2_over_ddp": round(
-                rows["fsdp2"]["allocator_step_ms"] / rows["ddp"]["allocator_step_ms"], 2
-            ),
+            **{
+                f"allocator_step_fsdp2_over_ddp[{rule}]": round(
+                    rows[f"{rule}/fsdp2"]["allocator_step_mean_ms"] / rows[f"{rule}/ddp"]["allocator_step_mean_ms"], 2
+                )
+                for rule in ("optimizer", "coefficient")
+            },
         }
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))

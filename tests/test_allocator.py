@@ -519,8 +519,9 @@ def test_every_rule_under_plain_sgd_is_the_projected_gradient_step(step_rule: st
     ],
 )
 def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, options, monkeypatch) -> None:
-    """The relative step above ρ (``optimizer_rule.RELATIVE_STEP_ABOVE``, here 0.5 against ∞ for none): after an Adam-family step, the kept block of S is ``d S₀ + g (S⁺ − d S₀)`` with
-    ``g = ‖s S₀‖_F / ρ`` and ``d = 1 − lr · wd`` for AdamW's decoupled decay (the decay itself is not scaled); the
+    """The relative step above ρ (``optimizer_rule.RELATIVE_STEP_ABOVE``, here 0.5, against none: ρ = ρ_max = 1e9):
+    after an Adam-family step, the kept block of S is ``d S₀ + g (S⁺ − d S₀)`` with ``g = ‖s S₀‖_F / ρ`` (below the
+    ceiling ρ_max = 10) and ``d = 1 − lr · wd`` for AdamW's decoupled decay (the decay itself is not scaled); the
     bases' moves are untouched; an SGD step (already proportional to the gradient) is left exactly as it was."""
     from peft_geolora import optimizer_rule
 
@@ -528,8 +529,9 @@ def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, option
 
     m, n, r, lr, rho, s = 12, 9, 3, 1e-2, 0.5, 0.8
     results = []
-    for relative in (float("inf"), rho):
+    for relative, ceiling in ((1e9, 1e9), (rho, optimizer_rule.RELATIVE_STEP_UP_TO)):
         monkeypatch.setattr(optimizer_rule, "RELATIVE_STEP_ABOVE", relative)
+        monkeypatch.setattr(optimizer_rule, "RELATIVE_STEP_UP_TO", ceiling)
         torch.manual_seed(0)
         model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, lora_alpha=s)
         with torch.no_grad():

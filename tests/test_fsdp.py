@@ -13,8 +13,11 @@ from .processes import launch_two_processes, run_child
 
 
 @pytest.mark.distributed
-def test_fsdp2_sharded_training_agrees_resumes_and_saves_a_plain_adapter(tmp_path: Path) -> None:
-    launch_two_processes("-m", "tests.fsdp_child", str(tmp_path))
+@pytest.mark.parametrize("step_rule", ["optimizer", "coefficient"])
+def test_fsdp2_sharded_training_agrees_resumes_and_saves_a_plain_adapter(step_rule: str, tmp_path: Path) -> None:
+    """40 steps with gradient accumulation 2 and different data per process, the package defaults (or the coefficient
+    rule): the same ranks and adapters on both processes and as under DDP, exact resume, a plain adapter."""
+    launch_two_processes("-m", "tests.fsdp_child", str(tmp_path), step_rule)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["rank_changes"] > 0, "ranks never changed"
@@ -36,3 +39,15 @@ def test_fsdp2_example_script_saves_an_adapter_that_loads_unsharded(tmp_path: Pa
     assert summary["world_size"] == 2
     config = GeoLoraConfig.from_pretrained(str(tmp_path / "adapter"))
     assert sum(config.rank_pattern.values()) == sum(summary["ranks"].values())
+
+
+@pytest.mark.distributed
+def test_fsdp2_gather_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/fsdp_gather.py on 2 steps and one block (the committed run, 12 blocks: results/fsdp_gather_cpu.json):
+    both rules under DDP and FSDP2 at DeBERTaV3-base widths, with the bytes the default step gathers."""
+    out = tmp_path / "gather.json"
+    launch_two_processes("benchmarks/fsdp_gather.py", "--steps", "2", "--blocks", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {f"{r}/{k}" for r in ("optimizer", "coefficient") for k in ("ddp", "fsdp2")}
+    assert result["runs"]["optimizer/fsdp2"]["moment_bytes_per_augmentation_or_truncation"] > 0
+    assert all(row["adapters"] == 6 for row in result["runs"].values())

@@ -126,21 +126,6 @@ def test_zero_gradients_at_initialisation_do_not_break_the_step() -> None:
     assert torch.isfinite(U).all() and orthonormality_error(U) < 1e-6 and torch.all(S == 0)
 
 
-def test_fsdp2_shards_with_the_default_step_rule_are_refused_naming_the_coefficient_rule(tmp_path) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), GeoLoraConfig(target_modules=["0"], r=2))
-        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(RuntimeError, match="sharded by FSDP2. Use `step_rule='coefficient'`"):
-            RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1), step_rule="coefficient")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 class FakeZeroOptimizer:
     """Stands in for DeepSpeed's ZeRO-1/2 optimizer: a torch optimizer over flat partitions, wrapped."""
 
@@ -178,10 +163,11 @@ def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float]:
 
 
 def test_a_runaway_adapter_is_reported_once_with_the_setting_to_change() -> None:
-    """lora_alpha=16 (the LoRA habit) at lr 2e-2: the adapters grow by orders of magnitude with the loss at chance.
-    The allocator says so, once per adapter, naming the layer, the scale, the learning rate and what to change."""
+    """lora_alpha=16 (the LoRA habit) at lr 2e-2: the adapters grow to hundreds of times their base weights' norm with
+    the loss at chance (bounded since the relative step's ceiling: 6.5e9 after 60 steps without it). The allocator
+    says so, once per adapter, naming the layer, the scale, the learning rate and what to change."""
     messages, largest = _llama_run(40, 2e-2, lora_alpha=16.0)
-    assert largest > 1e3, largest  # the divergence the watch is for
+    assert 1e2 < largest < 1e3, largest  # the divergence the watch is for, held by the ceiling
     assert messages and len(messages) == len(set(messages))
     assert "lora_alpha=16.0" in messages[0] and "lr 0.02" in messages[0] and "leave lora_alpha at 'auto'" in messages[0]
     assert "base_model.model.model.layers." in messages[0]

@@ -3,12 +3,12 @@
     torchrun --nproc_per_node 2 scripts/fsdp2/finetune_fsdp2.py --output_dir outputs/fsdp2 [--max_steps 100]
 
 Every encoder layer and the root are sharded with ``fully_shard`` (gloo on CPU, NCCL on GPUs); each process reads
-its own slice of the data; GeoLoRA runs with ``step_rule="coefficient"`` (required under FSDP2: the allocator then
-gathers only the factors and their gradients, see docs/design.md, "Distributed"). The adapter is saved by
+its own slice of the data; GeoLoRA runs with the package's default step (the allocator gathers the factors and
+their optimizer moments around its rewrites, see docs/design.md, "Distributed"). The adapter is saved by
 process 0 from the gathered full state dict: a usual trimmed GeoLoRA adapter that loads unsharded.
 accelerate's FSDP plugin needs GPUs (on a CPU-only machine it silently falls back to DDP); with GPUs,
-``accelerate launch --config_file configs/accelerate/fsdp2.yaml scripts/glue/run_glue.py ...
---set geolora.step_rule=coefficient`` is the Trainer-free alternative.
+``accelerate launch --config_file configs/accelerate/fsdp2.yaml scripts/glue/run_glue.py ...`` is the Trainer-free
+alternative.
 """
 
 from __future__ import annotations
@@ -55,8 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
         target_modules=["query", "key", "value", "dense"],
         r=8,
         max_rank=16,
-        step_rule="coefficient",
-        tau=0.15,
     )
     model = get_peft_model(model, config)
     if device is not None:

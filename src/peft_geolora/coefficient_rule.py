@@ -1,8 +1,8 @@
 """The coefficient step (``step_rule="coefficient"``): the allocator steps the augmented coefficients itself.
 
-The rule that runs under FSDP2 (``fully_shard``): the optimizer keeps no state for the factors, so only the factors
-and their gradients need gathering (:mod:`peft_geolora.sharding`). It scores below the default step on the suite
-(docs/research.md), so it is a rule for sharded training, chosen by ``step_rule="coefficient"``.
+The optimizer keeps no state for the factors, so under FSDP2 (``fully_shard``) only the factors and their gradients
+need gathering (:mod:`peft_geolora.sharding`). It scores below the default step on the suite (docs/research.md);
+it is chosen by ``step_rule="coefficient"``.
 
 Why the allocator steps ``Ŝ`` itself
 ------------------------------------

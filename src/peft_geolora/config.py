@@ -164,9 +164,9 @@ class GeoLoraConfig(PeftConfig):
             "help": "Who steps the factors. 'optimizer' (default): your optimizer steps U, S and V, and the "
             "allocator augments the bases with the part of its proposed moves orthogonal to them. 'coefficient': "
             "the allocator takes the adapter gradients before optimizer.step() and steps the augmented coefficient "
-            "matrix itself with your optimizer's hyperparameters, so U and V hold no optimizer state; the rule for "
-            "FSDP2 (`fully_shard`), which the default does not support yet. It scores below the default on the "
-            "suite (docs/research.md): give it tau=0.15 and a number in lora_alpha.",
+            "matrix itself with your optimizer's hyperparameters, so U and V hold no optimizer state. It scores "
+            "below the default on the suite (docs/research.md): give it tau=0.15 and a number in lora_alpha. Both "
+            "rules run under FSDP2 (`fully_shard`).",
             "allocator": True,
         },
     )

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import integrator, optimizer_state
+from . import integrator, optimizer_state, sharding
 from .adapters import Batch, per_adapter
 from .schedule import CycleSchedule
 from .step_rule import StepRule, all_finite, new_directions
@@ -87,9 +87,13 @@ class OptimizerRule(StepRule):
             for p in self.adapters.factor_params():
                 p.grad = None
             return
-        self._coefficients_before = _copy_into(self._coefficients_before, [a.S for a in self.adapters])
+        factors = list(self.adapters.factor_params())
+        if sharding.is_sharded(factors[0]):  # FSDP2: the whole factors (their active columns), one all-gather
+            factors = sharding.gather_columns(factors, [a.rank for a in self.adapters for _ in "USV"])
+        self._coefficients_before = _copy_into(self._coefficients_before, factors[1::3])
         self._kept_after_decay = self._decoupled_decay_factors()
-        self._bases_before = _copy_into(self._bases_before, [p for a in self.adapters for p in (a.U, a.V)])
+        bases = [f for i in range(0, len(factors), 3) for f in (factors[i], factors[i + 2])]
+        self._bases_before = _copy_into(self._bases_before, bases)
 
     def steps_bases(self, schedule: CycleSchedule) -> bool:
         return True  # the optimizer steps the bases at every step
@@ -112,9 +116,15 @@ class OptimizerRule(StepRule):
 
     def carry(self, truncated: Truncated) -> None:
         factors = [self.adapters[i].parameters() for i in truncated.batch.members]
-        optimizer_state.rotate_states(
-            self.optimizer, factors, truncated.P, truncated.Q, truncated.ranks, self.warn_once
-        )
+        state = self._state_of([p for f in factors for p in f])
+        optimizer_state.rotate_states(state, factors, truncated.P, truncated.Q, truncated.ranks, self.warn_once)
+        if isinstance(state, sharding.WholeState):
+            state.write_back()
+
+    def _state_of(self, params: list[torch.Tensor]) -> Any:
+        """The optimizer (its ``.state``) for a rewrite of ``params``' state; under FSDP2 a view with the sharded
+        moments gathered whole (:class:`~peft_geolora.sharding.WholeState`, written back by the caller)."""
+        return sharding.WholeState(self.optimizer, params) if sharding.is_sharded(params[0]) else self.optimizer
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.cycle_start)
@@ -188,11 +198,14 @@ class OptimizerRule(StepRule):
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             U_tilde, V_tilde = new_directions(U0, dU, V0, dV, capacity - r)
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
+            state = self._state_of([p for i in members for p in self.adapters[i].parameters()])
             for b, i in enumerate(members):
                 a = self.adapters[i]
-                optimizer_state.pad_state(self.optimizer, a.U, a.S, a.V, r)
+                optimizer_state.pad_state(state, *a.parameters(), r)
                 start = self.cycle_start[i]
                 start.zero_()
                 start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+            if isinstance(state, sharding.WholeState):
+                state.write_back()
             out.append(Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
         return out

@@ -26,15 +26,16 @@ LINEAR_STATE_KEYS = ("exp_avg", "momentum_buffer")
 QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
-def state_tensors(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
-    """The optimizer's per-entry state tensors of ``p`` (those shaped like ``p``)."""
+def state_tensors(optimizer: Any, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
+    """The optimizer's per-entry state tensors of ``p`` (those shaped like ``p``); ``optimizer``: a torch optimizer,
+    or anything with its ``.state`` mapping (FSDP2: :class:`~peft_geolora.sharding.WholeState`)."""
     for key, value in optimizer.state.get(p, {}).items():
         if torch.is_tensor(value) and value.shape == p.shape:
             yield key, value
 
 
 def pad_state(
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     U: nn.Parameter,
     S: nn.Parameter,
     V: nn.Parameter,
@@ -61,7 +62,7 @@ def pad_state(
 
 
 def rotate_states(
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     factors: list[tuple[nn.Parameter, nn.Parameter, nn.Parameter]],
     P: torch.Tensor,
     Q: torch.Tensor,

@@ -22,7 +22,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
                 "GeoLoRA's RankAllocator cannot run under DeepSpeed ZeRO stages 1-3: their optimizer steps flat "
                 "partitions of the parameters, so neither the factors' gradients nor their optimizer steps are "
                 "visible per factor. Use ZeRO stage 0 (checked on 2 CPU processes), torch DDP, or FSDP2 "
-                "(`fully_shard`) with `step_rule='coefficient'`."
+                "(`fully_shard`)."
             )
         wrapper = getattr(wrapper, "optimizer", None)
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
@@ -32,9 +32,9 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet, step_rule: str) -> bool:
-    """Whether the factors are sharded by FSDP2 (the coefficient rule gathers them around each rewrite); FSDP1,
-    DeepSpeed ZeRO-3, and FSDP2 under the default rule are refused."""
+def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet) -> bool:
+    """Whether the factors are sharded by FSDP2 (the allocator then gathers them around each rewrite); FSDP1 and
+    DeepSpeed ZeRO-3 are refused."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     fsdp1 = isinstance(model, FullyShardedDataParallel) or any(
@@ -44,17 +44,10 @@ def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet, step_rule
     if fsdp1 or any(hasattr(p, "ds_id") for p in params):
         raise RuntimeError(
             "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel) or DeepSpeed "
-            "ZeRO-3. Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`) and "
-            "`step_rule='coefficient'`, or train with DDP or DeepSpeed ZeRO stage 0."
+            "ZeRO-3. Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`), or "
+            "train with DDP or DeepSpeed ZeRO stage 0."
         )
     sharded = any(sharding.is_sharded(p) for p in params)
-    if sharded and step_rule != "coefficient":
-        raise RuntimeError(
-            "The model's GeoLoRA factors are sharded by FSDP2. Use `step_rule='coefficient'` (in GeoLoraConfig or "
-            "RankAllocator(..., step_rule='coefficient')): the allocator then steps the factors itself and the "
-            "optimizer keeps no state for them, so only the factors need gathering. The default rule would need "
-            "the optimizer's sharded moments as well."
-        )
     return sharded
 
 

@@ -10,12 +10,18 @@ Under FSDP2 every factor is a ``DTensor`` sharded on its rows (``Shard(0)``): pr
    :mod:`peft_geolora.distributed`, as for DDP), so that all processes take one decision;
 3. copies each process's own rows of the result into its local shard, in place (parameters and optimizer
    references stay valid).
+
+The default step rule needs more: the factors as they stood before the optimizer's step (gathered whole in the
+optimizer's pre-step hook), and the optimizer's moments of the factors where it rewrites them (the new entries of an
+augmentation, the rotation of a truncation). Those are ``DTensor``s sharded as the factors are; :class:`WholeState`
+gathers them whole for the rewrite (one all-gather) and writes each process's rows back in place. Every process
+computes the same whole result from the same gathered inputs, so the rows each writes agree with everyone's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -81,3 +87,25 @@ def write_local(param: torch.Tensor, whole: torch.Tensor) -> None:
 
     shard = distribute_tensor(whole.detach(), param.device_mesh, param.placements, src_data_rank=None)
     param.to_local().copy_(shard.to_local())
+
+
+class WholeState:
+    """The optimizer's state of some factors with every sharded tensor gathered whole, as ``.state[param]`` (the
+    mapping ``optimizer.state`` is), for one rewrite; :meth:`write_back` copies each process's rows of the rewritten
+    tensors into the sharded state in place. Plain (unsharded) state is handed through as it is."""
+
+    def __init__(self, optimizer: Any, params: Sequence[torch.Tensor]) -> None:
+        self.state: dict[torch.Tensor, dict[str, Any]] = {}
+        sharded: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        for p in params:
+            entries = optimizer.state.get(p, {})
+            self.state[p] = dict(entries)
+            sharded += [(p, k, v) for k, v in entries.items() if is_sharded(v)]
+        whole = gather_columns([v for _, _, v in sharded], [v.shape[-1] if v.dim() else 0 for _, _, v in sharded])
+        self._sharded = [(v, w) for (_, _, v), w in zip(sharded, whole)]
+        for (p, k, _), w in zip(sharded, whole):
+            self.state[p][k] = w
+
+    def write_back(self) -> None:
+        for original, whole in self._sharded:
+            write_local(original, whole)

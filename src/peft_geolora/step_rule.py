@@ -5,7 +5,7 @@ The :class:`~peft_geolora.RankAllocator` owns the schedule, the truncation and t
 rule owns what happens between an ``optimizer.step()`` and that rewrite. Two rules implement it:
 
 * :class:`~peft_geolora.optimizer_rule.OptimizerRule` (the default): the user's optimizer steps ``U``, ``S``, ``V``;
-* :class:`~peft_geolora.coefficient_rule.CoefficientRule` (``step_rule="coefficient"``, for FSDP2): the allocator
+* :class:`~peft_geolora.coefficient_rule.CoefficientRule` (``step_rule="coefficient"``): the allocator
   steps the augmented coefficients itself and the optimizer holds no state for the factors.
 
 One optimizer step, as the allocator drives a rule::
