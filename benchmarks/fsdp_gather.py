@@ -113,6 +113,84 @@ def run(kind: str, steps: int, step_rule: str, blocks: int = BLOCKS) -> dict[str
     }
 
 
+# (out, in) of every adapted Linear: DeBERTaV3-base's encoder (12 layers) and a 1 B Llama-style decoder (Llama 3.2 1B:
+# 16 layers, hidden 2048, 8 key-value heads of 64, intermediate 8192), every linear layer adapted
+SHAPES = {
+    "DeBERTaV3-base (72 adapters)": [(768, 768)] * 48 + [(3072, 768), (768, 3072)] * 12,
+    "Llama-style 1 B (112 adapters)": [
+        shape
+        for _ in range(16)
+        for shape in ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
+    ],
+}
+
+
+def computed_bytes(shapes: list[tuple[int, int]], rank: int = 8, max_rank: int = 16, itemsize: int = 4) -> dict:
+    """What one process materialises per gather under FSDP2 (whole tensors, of which it receives the other
+    processes' rows): the factors' active columns ``Σ (m + n + C) r`` (twice per optimizer step: before and after
+    it), and at each augmentation and truncation the optimizer's two moments of the factors at full capacity
+    ``2 Σ (m + n + C) C`` (C = min(m, n, 2 max_rank)); fp32."""
+    capacity = [min(m, n, 2 * max_rank) for m, n in shapes]
+    active = sum((m + n + c) * rank for (m, n), c in zip(shapes, capacity)) * itemsize
+    moments = sum(2 * (m + n + c) * c for (m, n), c in zip(shapes, capacity)) * itemsize
+    return {
+        "rank": rank,
+        "factor_columns_per_gather_MiB": round(active / 2**20, 2),
+        "gathers_of_factor_columns_per_step": 2,
+        "optimizer_moments_per_augmentation_or_truncation_MiB": round(moments / 2**20, 2),
+        "augmentations_and_truncations_per_cycle_of_4_steps": 2,
+        "mean_per_step_MiB": round((2 * active + moments / 2) / 2**20, 2),
+    }
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+DOC_BEGIN, DOC_END = "<!-- fsdp_gather: begin (benchmarks/fsdp_gather.py) -->", "<!-- fsdp_gather: end -->"
+
+
+def markdown(result: dict) -> str:
+    """The tables of docs/distributed.md, from the JSON alone."""
+    lines = [
+        "Computed, per process, fp32, all ranks 8 (`max_rank` 16, so capacity 32), the default step:",
+        "",
+        (
+            "| shape | factor columns per gather (2 per step) | optimizer moments per augmentation or truncation "
+            "(2 per cycle of 4 steps) | mean per step |"
+        ),
+        "|---|---|---|---|",
+    ]
+    for name, c in result["computed"].items():
+        lines.append(
+            f"| {name} | {c['factor_columns_per_gather_MiB']} MiB | "
+            f"{c['optimizer_moments_per_augmentation_or_truncation_MiB']} MiB | {c['mean_per_step_MiB']} MiB |"
+        )
+    lines += [
+        "",
+        (
+            f"Measured (`{result['command']}`; {result['machine']}), DeBERTaV3-base shapes, median and mean "
+            "milliseconds per optimizer step:"
+        ),
+        "",
+        (
+            "| rule / engine | optimizer.step() | allocator.step() median | allocator.step() mean | final total rank "
+            "| CPU / wall |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in result["runs"].items():
+        lines.append(
+            f"| {name} | {row['optimizer_step_ms']} | {row['allocator_step_ms']} | {row['allocator_step_mean_ms']} "
+            f"| {row['final_total_rank']} | {row['cpu_over_wall']} |"
+        )
+    return "\n".join(lines)
+
+
+def update_doc(result: dict) -> None:
+    text = DOC.read_text()
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    DOC.write_text(f"{head}{DOC_BEGIN}\n{markdown(result)}\n{DOC_END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
@@ -142,6 +220,7 @@ def main() -> None:
                 "(twice per cycle of 4 steps)"
             ),
             "runs": rows,
+            "computed": {name: computed_bytes(shapes) for name, shapes in SHAPES.items()},
             **{
                 f"allocator_step_fsdp2_over_ddp[{rule}]": round(
                     rows[f"{rule}/fsdp2"]["allocator_step_mean_ms"] / rows[f"{rule}/ddp"]["allocator_step_mean_ms"], 2
@@ -150,6 +229,8 @@ def main() -> None:
             },
         }
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.blocks == BLOCKS:
+            update_doc(result)
         print(json.dumps(result, indent=1))
     dist.destroy_process_group()
 
