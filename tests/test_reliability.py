@@ -143,9 +143,9 @@ def test_deepspeed_zero_optimizers_are_refused_naming_what_works() -> None:
         RankAllocator(model, FakeZeroOptimizer(flat))
 
 
-def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float]:
+def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float, RankAllocator]:
     """A LoRA user's recipe on a tiny Llama, every linear layer, AdamW: the runaway warnings and the largest
-    ``‖ΔW‖_F`` at the end."""
+    ``‖ΔW‖_F`` at the end, and the allocator."""
     model, _ = build("llama", seed=0)
     model = get_peft_model(model, GeoLoraConfig(task_type="SEQ_CLS", target_modules="all-linear", **config))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -159,20 +159,22 @@ def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float]:
             optimizer.zero_grad()
         allocator.finish()
     largest = max(float(a.layer.get_delta_weight(a.adapter).norm()) for a in allocator.adapters)
-    return [str(w.message) for w in caught if "running away" in str(w.message)], largest
+    return [str(w.message) for w in caught if "running away" in str(w.message)], largest, allocator
 
 
 def test_a_runaway_adapter_is_reported_once_with_the_setting_to_change() -> None:
     """lora_alpha=16 (the LoRA habit) at lr 2e-2: the adapters grow to hundreds of times their base weights' norm with
     the loss at chance (bounded since the relative step's ceiling: 6.5e9 after 60 steps without it). The allocator
     says so, once per adapter, naming the layer, the scale, the learning rate and what to change."""
-    messages, largest = _llama_run(40, 2e-2, lora_alpha=16.0)
+    messages, largest, allocator = _llama_run(40, 2e-2, lora_alpha=16.0)
     assert 1e2 < largest < 1e3, largest  # the divergence the watch is for, held by the ceiling
     assert messages and len(messages) == len(set(messages))
     assert "lora_alpha=16.0" in messages[0] and "lr 0.02" in messages[0] and "leave lora_alpha at 'auto'" in messages[0]
     assert "base_model.model.model.layers." in messages[0]
+    assert len(allocator.runaway_layers()) == len(messages)
 
 
 def test_the_defaults_at_the_same_rate_do_not_trip_the_watch() -> None:
-    messages, largest = _llama_run(40, 2e-2)
+    messages, largest, allocator = _llama_run(40, 2e-2)
     assert not messages and largest < 10, largest
+    assert allocator.runaway_layers() == []

@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ranks": allocator.ranks() if allocator else None,
         "initial_ranks": initial_ranks if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
+        "runaway_layers": allocator.runaway_layers() if allocator else None,
         "log": log,
         "steps": steps,
         "final_train_loss": float(np.mean(losses[-20:])) if losses else None,

@@ -262,6 +262,10 @@ class RankAllocator:
         self._announce_next_step()
 
     # ------------------------------------------------------------------ reporting
+    def runaway_layers(self) -> list[str]:
+        """The layers whose adapter the runaway watch reported (:mod:`peft_geolora.runaway`), in module order."""
+        return [a.name for i, a in enumerate(self.adapters) if i in self._watch.reported]
+
     def ranks(self, kept: bool = False) -> dict[str, int]:
         """Active rank of every adapted layer, by module name.
 
