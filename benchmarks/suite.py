@@ -635,6 +635,7 @@ def markdown(results: Path) -> str:
                 noise = _spread(seeds) if len(seeds) > 1 else ""
                 lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} | {noise} |")
         lines += [""]
+    lines += habits_table(results)
     if ablation:
         lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
         lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
@@ -656,6 +657,55 @@ def markdown(results: Path) -> str:
                 lines.append(f"| {rule} | {task} | " + " | ".join(cells) + " |")
         lines += [""]
     return "\n".join(lines)
+
+
+def habit_records(results: Path) -> dict[tuple[str, str, float, str], dict[str, Any]]:
+    """(row, alpha label, lr, task) → record of the habit phase, with LoRA α 16 from the lr phase (the same run) and
+    GeoLoRA's default ("auto") from its lr grid in the ablation phase."""
+    out = {}
+    for r in load(results, "habits"):
+        alpha = r["variant"].split("_")[0]
+        row = "lora" if r["method"] == "lora" else f"geolora ({r['variant'].split('_', 1)[1]})"
+        out[(row, alpha, r["lr"], r["task"])] = r
+    for r in load(results, "lr"):
+        if r["method"] == "lora" and r["lr"] in HABIT_LRS and r["task"] in LR_TASKS:
+            out[("lora", "alpha16", r["lr"], r["task"])] = r
+    for r in load(results, "ablation"):
+        if r["variant"] == DEFAULT_VARIANT and r["lr"] in HABIT_LRS:
+            for alpha in HABIT_ALPHAS:  # "auto" ignores the number: the same run stands for either alpha
+                out[("geolora (auto)", f"alpha{alpha}", r["lr"], r["task"])] = r
+    return out
+
+
+def habits_table(results: Path) -> list[str]:
+    """A LoRA user's lora_alpha and lr, unchanged: validation (test) score per method and meaning of the number."""
+    records = habit_records(results)
+    if not any(key[0] != "lora" and key[0] != "geolora (auto)" for key in records):
+        return []
+    lines = [
+        (
+            "**A LoRA user's recipe** (`lora_alpha` 16 or 32 at LoRA's learning rates, nothing else changed; seed 0, "
+            "validation score with the test score in brackets; GeoLoRA's number read as its scale `s = lora_alpha`, "
+            "as LoRA reads it `s = lora_alpha / r`, or ignored by `lora_alpha=\"auto\"`):"
+        ),
+        "",
+    ]
+    header = "| alpha | method | " + " | ".join(f"{t} lr {lr:g}" for lr in HABIT_LRS for t in LR_TASKS) + " |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    rows = ["lora", *(f"geolora ({m})" for m in HABIT_MEANINGS), "geolora (auto)"]
+    for alpha in HABIT_ALPHAS:
+        for row in rows:
+            cells = []
+            for lr in HABIT_LRS:
+                for task in LR_TASKS:
+                    r = records.get((row, f"alpha{alpha}", lr, task))
+                    cells.append(f"{r['primary']['validation']:.3f} ({r['primary']['test']:.3f})" if r else "")
+            if row == "geolora (auto)" and alpha != HABIT_ALPHAS[-1]:
+                continue  # "auto" ignores the number: one row, after the last alpha
+            if any(cells):
+                shown = "any" if row == "geolora (auto)" else alpha
+                lines.append(f"| {shown} | {row} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(results: Path, path: Path) -> Optional[Path]:

@@ -128,6 +128,32 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
 
 
+def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_path) -> None:
+    """The habit phase: GeoLoRA with lora_alpha read as its scale and as LoRA's alpha / r, at each alpha and LoRA lr,
+    on the lr tasks, and LoRA with alpha 32 (alpha 16 is the suite's LoRA); its table reads every record."""
+    import suite
+
+    runs = list(suite.planned_runs("habits", tmp_path))
+    per_alpha = len(suite.HABIT_LRS) * len(suite.LR_TASKS)
+    assert len(runs) == per_alpha * (2 * len(suite.HABIT_ALPHAS) + 1)
+    scales = {r.variant: r.overrides[-1] for r in runs if r.method == "geolora"}
+    assert scales == {
+        "alpha16_scale": "geolora.lora_alpha=16",
+        "alpha16_over_r": "geolora.lora_alpha=2",
+        "alpha32_scale": "geolora.lora_alpha=32",
+        "alpha32_over_r": "geolora.lora_alpha=4",
+    }
+    assert all(o != "geolora.lora_alpha=auto" for r in runs for o in r.overrides)
+    for r in runs:
+        record = {**_record(r.task, r.method, r.lr, 0.7), "variant": r.variant}
+        record["primary"]["test"] = 0.7
+        r.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        r.path(tmp_path).write_text(json.dumps(record))
+    table = "\n".join(suite.habits_table(tmp_path))
+    assert table.count("| 32 | lora |") == 1 and table.count("geolora (over_r)") == 2
+    assert table.count("0.700 (0.700)") == len(runs)
+
+
 def _ablation_grid(tmp_path, variant: str, best: int) -> None:
     """A variant's ablation runs over GeoLoRA's lr grid, the best at index ``best``."""
     import suite
