@@ -274,3 +274,13 @@ def test_relative_step_bound_smoke_runs_every_gain_on_every_instrument() -> None
     for row in data["rows"]:
         assert row["rank_recovery"]["cases"] == 1 and row["soak_fp32"]["all_finite"]
         assert all(row[k] > 0 for k in ("divergence_alpha16_lr2e-2", "divergence_alpha16_lr2e-3", "defaults_lr2e-2"))
+
+
+def test_gpu_cost_runs_every_method_on_a_tiny_shape() -> None:
+    """benchmarks/gpu_cost.py on CPU with a tiny Llama: the code a GPU run uses, every method, the ratios to LoRA."""
+    import gpu_cost
+
+    data = gpu_cost.main(["--shape", "tiny", "--smoke", "--steps", "3", "--length", "16", "--batch", "2"])
+    assert set(data["runs"]) == set(gpu_cost.METHODS) and data["step_over_lora"]["lora_r8"] == 1.0
+    assert data["runs"]["geolora"]["adapter_params_kept"] > 0
+    assert all(row["median_step_s"] > 0 and row["weight_bytes"] > 0 for row in data["runs"].values())
