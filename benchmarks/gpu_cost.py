@@ -1,7 +1,7 @@
 """Training memory and step time on an accelerator: LoRA r=8, AdaLoRA and GeoLoRA's defaults on a real-size shape.
 
-    python benchmarks/gpu_cost.py                        # CUDA: a 1 B Llama-style model in bf16 → results/gpu_cost.json
-    python benchmarks/gpu_cost.py --shape tiny --smoke     # CPU: the same code on a tiny model, nothing written
+    python benchmarks/gpu_cost.py                       # CUDA: a 1 B Llama-style model, bf16 → results/gpu_cost.json
+    python benchmarks/gpu_cost.py --shape tiny --smoke  # CPU: the same code on a tiny model, nothing written
 
 The model is built from its config (no download): a Llama 3.2 1 B shape (16 layers, hidden 2048, 32 heads and 8
 key-value heads of 64, intermediate 8192, vocabulary 128,256), weights in bf16, every linear layer of the decoder
