@@ -91,7 +91,9 @@ def test_suite_smoke_runs_every_task_and_method(tmp_path) -> None:
     suite.main(["--smoke", "--results_dir", str(tmp_path)])
     records = [json.loads(p.read_text()) for p in (tmp_path / "test").glob("*.json")]
     assert {(r["task"], r["method"]) for r in records} == {(t, m) for m, t in suite.SMOKE_RUNS}
-    assert {r["task"] for r in records} == set(suite.OFFLINE_TASKS) and {r["method"] for r in records} == set(suite.METHODS)
+    assert {r["task"] for r in records} == set(suite.OFFLINE_TASKS) and {r["method"] for r in records} == set(
+        suite.METHODS
+    )
     for r in records:
         assert set(r["metrics"]) == {"validation", "test"} and r["smoke"]
         assert r["adapter_params_end"] > 0 and r["wall_s"] > 0 and r["cpu_s"] > 0 and r["command"]
@@ -284,3 +286,54 @@ def test_gpu_cost_runs_every_method_on_a_tiny_shape() -> None:
     assert set(data["runs"]) == set(gpu_cost.METHODS) and data["step_over_lora"]["lora_r8"] == 1.0
     assert data["runs"]["geolora"]["adapter_params_kept"] > 0
     assert all(row["median_step_s"] > 0 and row["weight_bytes"] > 0 for row in data["runs"].values())
+
+
+def test_training_memory_by_part_is_what_the_design_says() -> None:
+    """step_cost.py's memory by part against the design, from the shapes alone. Per adapter of an (m × n) layer with
+    capacity C = min(m, n, 2 max_rank), fp32: weights U (m × C), S (C × C), V (n × C); gradients of all three
+    (the bases' at every step under the default rule); AdamW's two moments of each (and one step counter per
+    tensor); the allocator's copies of U, V, S from before each optimizer step and the cycle's start Ŝ (C × C).
+    LoRA r=8 holds (m + n) r weights, their gradients and two moments. This is today's design (the lean issue
+    changes it): here (C = 16 against LoRA's r = 8) GeoLoRA holds 3.2 times LoRA's bytes; on MiniLM with the
+    defaults (C = 32) 5.2 times (step_cost.json)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import step_cost
+    from peft_geolora import GeoLoraConfig, RankAllocator
+
+    from .tiny_models import build, inputs
+
+    def memory(config) -> tuple[dict[str, int], list[tuple[int, int, int]], int, int]:
+        model, _ = build("bert", seed=0)
+        model = get_peft_model(model, config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        allocator = RankAllocator(model, optimizer) if isinstance(config, GeoLoraConfig) else None
+        for step in range(2):
+            model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+            if step == 1:
+                measured = step_cost.training_memory(model, optimizer, allocator)
+            optimizer.step()
+            if allocator is not None:
+                allocator.step()
+            optimizer.zero_grad(set_to_none=False)
+        layers = [m for m in model.modules() if hasattr(m, "geolora_U") or hasattr(m, "lora_A")]
+        shapes = [(m.out_features, m.in_features, getattr(m, "capacity", {}).get("default", 0)) for m in layers]
+        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n)
+        return measured, shapes, head, len(trainable)
+
+    targets = ["query", "key", "value", "dense"]
+    geo, shapes, head, tensors = memory(GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=8))
+    weights = sum((m + n) * C + C * C for m, n, C in shapes) + head
+    assert geo["weights"] == 4 * weights and geo["grads"] == 4 * weights
+    assert geo["optimizer_state"] == 4 * (2 * weights + tensors)  # two moments, one step counter per tensor
+    assert geo["allocator_state"] == 4 * sum((m + n) * C + 2 * C * C for m, n, C in shapes)
+
+    lora, lora_shapes, head, tensors = memory(
+        LoraConfig(task_type="SEQ_CLS", target_modules=targets, r=8, lora_alpha=16)
+    )
+    lora_weights = sum((m + n) * 8 for m, n, _ in lora_shapes) + head
+    assert lora["weights"] == 4 * lora_weights and lora["grads"] == 4 * lora_weights
+    assert lora["optimizer_state"] == 4 * (2 * lora_weights + tensors) and lora["allocator_state"] == 0
+    assert 3 < geo["total"] / lora["total"] < 3.5
