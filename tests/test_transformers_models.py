@@ -116,9 +116,9 @@ def test_all_linear_targets_every_linear_but_the_head() -> None:
 
 
 @pytest.mark.parametrize("loader", ["transformers load_adapter", "AutoPeftModel"])
-def test_a_poisoned_factor_is_refused_by_transformers_and_auto_loading(loader: str, tmp_path: Path, caplog) -> None:
-    """transformers' own ``load_adapter`` and ``AutoPeftModel*`` refuse a factor holding a NaN, naming it (transformers
-    reports the conversion's error in its load report and raises its own RuntimeError)."""
+def test_a_poisoned_factor_is_refused_by_transformers_and_auto_loading(loader: str, tmp_path: Path) -> None:
+    """transformers' own ``load_adapter`` and ``AutoPeftModel*`` refuse a factor holding a NaN, naming it, before
+    any tensor reaches the model (the file checks run inside both loaders)."""
     from peft import AutoPeftModelForSequenceClassification
     from safetensors.torch import load_file, save_file
 
@@ -129,11 +129,8 @@ def test_a_poisoned_factor_is_refused_by_transformers_and_auto_loading(loader: s
     key = next(k for k in tensors if k.endswith("geolora_V"))
     tensors[key].view(-1)[3] = float("nan")
     save_file(tensors, weights)
-    if loader == "AutoPeftModel":
-        with pytest.raises(ValueError, match=r"geolora_V.* holds non-finite values"):
+    with pytest.raises(ValueError, match=r"geolora_V.* holds non-finite values"):
+        if loader == "AutoPeftModel":
             AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
-        return
-    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
-    with pytest.raises(RuntimeError, match="conversion"):
-        base.load_adapter(str(tmp_path / "adapter"))
-    assert "geolora_V" in caplog.text and "holds non-finite values" in caplog.text
+        else:
+            AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").load_adapter(str(tmp_path / "adapter"))
