@@ -4,7 +4,7 @@ A refactoring of the step must leave every number where it was: run this before 
 thread count, and compare the SHA-256 of the final factors (U, S, V of every layer, bytes as stored) and the rank
 history. The configurations cover what users configure: the tau rule with its growth test, the relative step,
 pinned ranks, global budgets in singular values and in parameters, the paper's per-step schedule, warm-up and
-freeze, Adam, AdamW and SGD, a number in ``lora_alpha``, a non-finite step, and ``finish()`` mid-cycle.
+freeze, Adam, AdamW and SGD, a fixed scale, a non-finite step, and ``finish()`` mid-cycle.
 
     python benchmarks/factor_hash.py --out before.json
     python benchmarks/factor_hash.py --compare before.json
@@ -34,7 +34,7 @@ CONFIGURATIONS: dict[str, tuple[dict, str, float]] = {
     "default-adamw": ({}, "adamw", 2e-2),
     "default-adam": ({}, "adam", 5e-3),
     "default-sgd": ({}, "sgd", 5e-2),
-    "alpha16-adamw": ({"lora_alpha": 16.0}, "adamw", 2e-3),
+    "alpha16-adamw": ({"scaling": 16.0}, "adamw", 2e-3),  # a fixed scale (lora_alpha=16 as 0.2.0 first read it)
     "pinned-r8": ({"r": 8, "min_rank": 8, "max_rank": 8}, "adamw", 2e-2),
     "coefficient-adamw": ({"step_rule": "coefficient"}, "adamw", 2e-2),
     "budget-rank": ({"budget": 30}, "adamw", 2e-2),

@@ -37,7 +37,7 @@ from tests.test_rank_recovery_adam import (  # noqa: E402
 # code: commit eb087f3). The default's name is the one its records carry.
 VARIANTS = {
     "optimizer_mean_growth0.1_auto_rel1": {},
-    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
+    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "scaling": 1.0},
 }
 
 

@@ -19,7 +19,8 @@ Instruments, each on the same code path as the product (the gain patched into ``
 
 * the rank-recovery problems of ``tests/test_rank_recovery_adam.py`` (24 cases, singular values up to 5, and the
   same 24 at fine-tuning scale): cases met;
-* the divergence case of the trust issue: a tiny Llama, every linear layer, AdamW, ``lora_alpha=16`` at lr 2e-2 and
+* the divergence case of the trust issue: a tiny Llama, every linear layer, AdamW, a scale of 16 (``lora_alpha=16`` as
+  0.2.0 first read it; ``scaling=16`` now) at lr 2e-2 and
   2e-3, and the defaults at 2e-2, 60 steps: the largest ``‖ΔW‖_F``;
 * the soak of ``benchmarks/soak.py`` (fp32, 3,000 steps): ``‖ΔW‖_F`` growth after the loss plateaus.
 """
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "gain": name,
                 "rank_recovery": rank_recovery(PROBLEMS, args.smoke),
                 "rank_recovery_fine_tuning_scale": rank_recovery(FINE_TUNING_PROBLEMS, args.smoke),
-                "divergence_alpha16_lr2e-2": divergence(2e-2, steps, lora_alpha=16.0),
-                "divergence_alpha16_lr2e-3": divergence(2e-3, steps, lora_alpha=16.0),
+                "divergence_alpha16_lr2e-2": divergence(2e-2, steps, scaling=16.0),
+                "divergence_alpha16_lr2e-3": divergence(2e-3, steps, scaling=16.0),
                 "defaults_lr2e-2": divergence(2e-2, steps),
                 "soak_fp32": soak.soak(50 if args.smoke else args.soak_steps, "fp32")["summary"],
             }

@@ -181,10 +181,13 @@ def _settings(overrides: list[str]) -> dict[str, Any]:
 def runnable(overrides: Iterable[str]) -> Optional[tuple[str, ...]]:
     """A variant's overrides as this package takes them: the settings of the step variants that 0.2.0 removed
     (``RETIRED_SETTINGS``) are dropped where they ask for what the default step does; None where the variant needs a
-    removed one (its records stay in the results, its code at commit eb087f3, its runs cannot be repeated here)."""
+    removed one (its records stay in the results, its code at commit eb087f3, its runs cannot be repeated here). A
+    number in ``lora_alpha`` was the scale itself when these variants ran: it becomes ``scaling``."""
     kept = []
     for item in overrides:
         key, value = item.removeprefix("geolora.").split("=", 1)
+        if key == "lora_alpha" and value != "auto":
+            item, key = f"geolora.scaling={value}", "scaling"
         if key in RETIRED_SETTINGS:
             if yaml.safe_load(value) != RETIRED_SETTINGS[key]:
                 return None
@@ -239,11 +242,17 @@ TEST_VARIANTS = (
 )
 # A LoRA user's recipe brought unchanged (the trust issue): lora_alpha 16 or 32 at the learning rates LoRA users run,
 # on the learning-rate tasks (seed 0, scored on validation and test). LoRA r=8 runs with that alpha (alpha 16 is the
-# suite's LoRA: its lr-phase runs); GeoLoRA runs with a number in lora_alpha read two ways: as its scale
-# (s = lora_alpha, 0.2.0's meaning) and as LoRA's (s = lora_alpha / r with the config's r = 8).
+# suite's LoRA: its lr-phase runs); GeoLoRA runs with a number in lora_alpha read three ways: as its scale
+# (s = lora_alpha fixed, 0.2.0's first reading), as LoRA's fixed scale (s = lora_alpha / r with the config's r = 8),
+# and as the package reads it now, LoRA's alpha / r relative to alpha = 2r on the tuned step
+# (s = (alpha / 2r) 5e-3 / lr; alpha 16 is exactly "auto", whose lr-grid runs stand for it).
 HABIT_ALPHAS = (16, 32)
 HABIT_LRS = (1e-4, 5e-4, 2e-3)
-HABIT_MEANINGS = {"scale": lambda alpha: alpha, "over_r": lambda alpha: alpha / 8}
+HABIT_MEANINGS = {
+    "scale": lambda alpha: f"geolora.scaling={alpha:g}",
+    "over_r": lambda alpha: f"geolora.scaling={alpha / 8:g}",
+    "lora": lambda alpha: f"geolora.lora_alpha={alpha:g}",
+}
 
 
 def habit_runs() -> Iterator[Run]:
@@ -251,10 +260,11 @@ def habit_runs() -> Iterator[Run]:
     for alpha in HABIT_ALPHAS:
         for lr in HABIT_LRS:
             for task in LR_TASKS:
-                for meaning, scale in HABIT_MEANINGS.items():
+                for meaning, setting in HABIT_MEANINGS.items():
+                    if meaning == "lora" and alpha == 2 * 8:  # exactly "auto": its lr-grid runs (habit_records)
+                        continue
                     defaults = tuple(o for o in GEOLORA_DEFAULTS if not o.startswith("geolora.lora_alpha="))
-                    overrides = (*defaults, f"geolora.lora_alpha={scale(alpha):g}")
-                    yield Run("habits", task, "geolora", lr, 0, f"alpha{alpha}_{meaning}", overrides)
+                    yield Run("habits", task, "geolora", lr, 0, f"alpha{alpha}_{meaning}", (*defaults, setting(alpha)))
                 if alpha != 16:
                     yield Run("habits", task, "lora", lr, 0, f"alpha{alpha}", (f"lora.lora_alpha={alpha}",))
 
@@ -693,8 +703,8 @@ def habit_records(results: Path) -> dict[tuple[str, str, float, str], dict[str, 
             out[("lora", "alpha16", r["lr"], r["task"])] = r
     for r in load(results, "ablation"):
         if r["variant"] == DEFAULT_VARIANT and r["lr"] in HABIT_LRS:
-            for alpha in HABIT_ALPHAS:  # "auto" ignores the number: the same run stands for either alpha
-                out[("geolora (auto)", f"alpha{alpha}", r["lr"], r["task"])] = r
+            out[("geolora (auto)", "alpha16", r["lr"], r["task"])] = r
+            out[("geolora (lora)", "alpha16", r["lr"], r["task"])] = r  # lora_alpha=16 with r=8 is "auto"
     return out
 
 
@@ -706,14 +716,15 @@ def habits_table(results: Path) -> list[str]:
     lines = [
         (
             "**A LoRA user's recipe** (`lora_alpha` 16 or 32 at LoRA's learning rates, nothing else changed; seed 0, "
-            "validation score with the test score in brackets; GeoLoRA's number read as its scale `s = lora_alpha`, "
-            "as LoRA reads it `s = lora_alpha / r`, or ignored by `lora_alpha=\"auto\"`):"
+            "validation score with the test score in brackets; GeoLoRA's number read as a fixed scale "
+            "`s = lora_alpha`, as LoRA's fixed `s = lora_alpha / r`, or as the package reads it now, "
+            "`s = (lora_alpha / 2r) · 5e-3 / lr` (lora), for which lora_alpha 16 with r = 8 is `\"auto\"`):"
         ),
         "",
     ]
     header = "| alpha | method | " + " | ".join(f"{t} lr {lr:g}" for lr in HABIT_LRS for t in LR_TASKS) + " |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    rows = ["lora", *(f"geolora ({m})" for m in HABIT_MEANINGS), "geolora (auto)"]
+    rows = ["lora", *(f"geolora ({m})" for m in HABIT_MEANINGS)]
     for alpha in HABIT_ALPHAS:
         for row in rows:
             cells = []
@@ -721,11 +732,8 @@ def habits_table(results: Path) -> list[str]:
                 for task in LR_TASKS:
                     r = records.get((row, f"alpha{alpha}", lr, task))
                     cells.append(f"{r['primary']['validation']:.3f} ({r['primary']['test']:.3f})" if r else "")
-            if row == "geolora (auto)" and alpha != HABIT_ALPHAS[-1]:
-                continue  # "auto" ignores the number: one row, after the last alpha
             if any(cells):
-                shown = "any" if row == "geolora (auto)" else alpha
-                lines.append(f"| {shown} | {row} | " + " | ".join(cells) + " |")
+                lines.append(f"| {alpha} | {row} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

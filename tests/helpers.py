@@ -22,8 +22,10 @@ class Dense(nn.Module):
 
 
 def geolora_dense(m: int, n: int, dtype: torch.dtype = torch.float32, **config):
-    """A PeftModel over :class:`Dense` and its GeoLoRA layer; ``lora_alpha`` defaults to 1 (scale 1)."""
-    config.setdefault("lora_alpha", 1.0)
+    """A PeftModel over :class:`Dense` and its GeoLoRA layer; the scale is fixed at 1 unless ``lora_alpha`` or
+    ``scaling`` is given."""
+    if "lora_alpha" not in config:
+        config.setdefault("scaling", 1.0)
     model = get_peft_model(Dense(n, m, dtype), GeoLoraConfig(target_modules=["lin"], **config))
     return model, model.base_model.model.lin
 

@@ -50,7 +50,8 @@ def _fit(model, targets, allocator, optimizer, steps: int, after_step=None) -> N
 
 def _two_layer_model(**config):
     config.setdefault("r", 4)
-    config.setdefault("lora_alpha", 1.0)
+    if "lora_alpha" not in config:
+        config.setdefault("scaling", 1.0)
     config.setdefault("max_rank", 8)
     torch.manual_seed(0)
     return get_peft_model(TwoDense(), GeoLoraConfig(target_modules=["a", "b"], **config))
@@ -533,7 +534,7 @@ def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, option
         monkeypatch.setattr(optimizer_rule, "RELATIVE_STEP_ABOVE", relative)
         monkeypatch.setattr(optimizer_rule, "RELATIVE_STEP_UP_TO", ceiling)
         torch.manual_seed(0)
-        model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, lora_alpha=s)
+        model, layer = geolora_dense(m, n, torch.float64, r=r, max_rank=6, tau=0.0, scaling=s)
         with torch.no_grad():
             layer.geolora_S["default"][:r, :r] = 2 * torch.randn(r, r, dtype=torch.float64)
         S_before = layer.geolora_S["default"][:r, :r].detach().clone()

@@ -1,5 +1,6 @@
-"""``lora_alpha="auto"``: the allocator sets the adapter's scale from the optimizer's peak learning rate, so that
-under Adam the adapter takes the same steps at any learning rate; the scale is saved and never changes again."""
+"""The allocator sets the adapter's scale from the optimizer's peak learning rate and ``lora_alpha`` (read as LoRA's
+``α / r``, relative to ``α = 2r``, which ``"auto"`` is), so that under Adam the adapter takes the same steps at any
+learning rate; the scale is saved and never changes again; a number in ``scaling`` fixes it instead."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def test_under_adam_the_adapter_takes_the_same_steps_at_any_learning_rate(rule: 
     """60 Adam steps on the rank-5 problem at lr 1e-3, 1e-2, 1e-1: the same adapter and rank history with "auto"
     (up to Adam's eps), three very different ones with a fixed scale."""
     A = low_rank_target(*PROBLEMS["64x48_rank5"])
-    for alpha, same in (("auto", True), (1.0, False)):
-        runs = [run_geolora(A, 4, "adam", lr, steps=60, step_rule=rule, lora_alpha=alpha) for lr in (1e-3, 1e-2, 1e-1)]
+    for options, same in (({"lora_alpha": "auto"}, True), ({"scaling": 1.0}, False)):
+        runs = [run_geolora(A, 4, "adam", lr, steps=60, step_rule=rule, **options) for lr in (1e-3, 1e-2, 1e-1)]
         W0 = adapter_matrix(runs[0][0])
         gaps = [(torch.linalg.norm(adapter_matrix(layer) - W0) / torch.linalg.norm(W0)).item() for layer, _, _ in runs]
         if same:
@@ -77,6 +78,31 @@ def test_the_scale_comes_from_the_peak_learning_rate_and_is_saved_for_good(tmp_p
     assert _scales(loaded) == {expected}
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_number_in_lora_alpha_is_read_as_loras_alpha_over_r(optimizer: str) -> None:
+    """A LoRA recipe's lora_alpha = 2r gives exactly the "auto" scale, twice that alpha twice the step, whatever r;
+    under SGD s = alpha / 2r. The config records the scale it got; the allocator re-reads nothing later."""
+    make = (
+        (lambda ps: torch.optim.AdamW(ps, lr=2e-3))
+        if optimizer == "adamw"
+        else (lambda ps: torch.optim.SGD(ps, lr=1e-2))
+    )
+    unit = AUTO_ADAPTER_STEP / 2e-3 if optimizer == "adamw" else 1.0
+    for r, alpha, factor in ((8, 16.0, 1.0), (8, 32.0, 2.0), (4, 16.0, 2.0), (8, 4.0, 0.25)):
+        model = _bert(r=r, lora_alpha=alpha, max_rank=16)
+        assert model.peft_config["default"].scaling is None  # set by the allocator, as "auto" is
+        RankAllocator(model, make(model.parameters()))
+        assert _scales(model) == {model.peft_config["default"].scaling}
+        assert model.peft_config["default"].scaling == pytest.approx(factor * unit)
+
+
+def test_a_number_in_scaling_fixes_the_scale() -> None:
+    model = _bert(scaling=16.0, lora_alpha=32.0)
+    assert _scales(model) == {16.0}
+    RankAllocator(model, torch.optim.AdamW(model.parameters(), lr=2e-3))
+    assert _scales(model) == {16.0} and model.peft_config["default"].scaling == 16.0
+
+
 def test_one_cycle_reads_its_maximum_and_sgd_keeps_scale_one() -> None:
     model = _bert()  # "auto" is the default
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -91,11 +117,11 @@ def test_one_cycle_reads_its_maximum_and_sgd_keeps_scale_one() -> None:
 
 def test_a_zero_learning_rate_is_refused_clearly() -> None:
     model = _bert()
-    with pytest.raises(ValueError, match=r"lora_alpha='auto'.*learning rate.*is 0\.0"):
+    with pytest.raises(ValueError, match=r"scale from the optimizer's learning rate, which is 0\.0"):
         RankAllocator(model, torch.optim.Adam(model.parameters(), lr=0.0))
 
 
 def test_a_lora_adapter_brought_over_needs_a_numeric_scale() -> None:
     lora = get_peft_model(Dense(6, 5), LoraConfig(target_modules=["lin"], r=2))
-    with pytest.raises(ValueError, match=r"lora_alpha='auto'.*trained already"):
-        geolora_from_lora(lora, lora_alpha="auto")
+    with pytest.raises(ValueError, match=r"trained already.*give `scaling` a number"):
+        geolora_from_lora(lora, scaling=None)

@@ -131,19 +131,21 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
 
 
 def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_path) -> None:
-    """The habit phase: GeoLoRA with lora_alpha read as its scale and as LoRA's alpha / r, at each alpha and LoRA lr,
-    on the lr tasks, and LoRA with alpha 32 (alpha 16 is the suite's LoRA); its table reads every record."""
+    """The habit phase: GeoLoRA with lora_alpha read as a fixed scale, as LoRA's fixed alpha / r, and as the package
+    reads it (alpha 16 with r = 8 is "auto": its lr-grid runs), at each alpha and LoRA lr on the lr tasks, and LoRA
+    with alpha 32 (alpha 16 is the suite's LoRA); its table reads every record."""
     import suite
 
     runs = list(suite.planned_runs("habits", tmp_path))
     per_alpha = len(suite.HABIT_LRS) * len(suite.LR_TASKS)
-    assert len(runs) == per_alpha * (2 * len(suite.HABIT_ALPHAS) + 1)
-    scales = {r.variant: r.overrides[-1] for r in runs if r.method == "geolora"}
-    assert scales == {
-        "alpha16_scale": "geolora.lora_alpha=16",
-        "alpha16_over_r": "geolora.lora_alpha=2",
-        "alpha32_scale": "geolora.lora_alpha=32",
-        "alpha32_over_r": "geolora.lora_alpha=4",
+    assert len(runs) == per_alpha * (2 + 4)  # alpha 16: scale, over_r; alpha 32: scale, over_r, lora, LoRA
+    settings = {r.variant: r.overrides[-1] for r in runs if r.method == "geolora"}
+    assert settings == {
+        "alpha16_scale": "geolora.scaling=16",
+        "alpha16_over_r": "geolora.scaling=2",
+        "alpha32_scale": "geolora.scaling=32",
+        "alpha32_over_r": "geolora.scaling=4",
+        "alpha32_lora": "geolora.lora_alpha=32",
     }
     assert all(o != "geolora.lora_alpha=auto" for r in runs for o in r.overrides)
     for r in runs:
@@ -154,6 +156,13 @@ def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_pat
     table = "\n".join(suite.habits_table(tmp_path))
     assert table.count("| 32 | lora |") == 1 and table.count("geolora (over_r)") == 2
     assert table.count("0.700 (0.700)") == len(runs)
+
+
+def test_numbers_in_lora_alpha_of_recorded_variants_run_as_the_scale_they_were() -> None:
+    import suite
+
+    assert "geolora.scaling=1" in suite.RUNNABLE["coefficient"]
+    assert suite.runnable(["geolora.lora_alpha=auto"]) == ("geolora.lora_alpha=auto",)
 
 
 def _ablation_grid(tmp_path, variant: str, best: int) -> None:

@@ -106,7 +106,7 @@ def lora_error(problem: str, optimizer_name: str, lr: float) -> float:
 # relative step of S the default step would miss every case here (0 of 24, docs/research.md, hypothesis 8).
 RULES = {
     "optimizer": {"step_rule": "optimizer"},
-    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "lora_alpha": 1.0},
+    "coefficient": {"step_rule": "coefficient", "growth_tol": 0.2, "scaling": 1.0},
 }
 
 

@@ -163,18 +163,21 @@ def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float, RankA
 
 
 def test_a_runaway_adapter_is_reported_once_with_the_setting_to_change() -> None:
-    """lora_alpha=16 (the LoRA habit) at lr 2e-2: the adapters grow to hundreds of times their base weights' norm with
-    the loss at chance (bounded since the relative step's ceiling: 6.5e9 after 60 steps without it). The allocator
-    says so, once per adapter, naming the layer, the scale, the learning rate and what to change."""
-    messages, largest, allocator = _llama_run(40, 2e-2, lora_alpha=16.0)
+    """A fixed scale of 16 (what lora_alpha=16 meant before it was read as LoRA's) at lr 2e-2: the adapters grow to
+    hundreds of times their base weights' norm with the loss at chance (bounded since the relative step's ceiling:
+    6.5e9 after 60 steps without it). The allocator says so, once per adapter, naming the layer, the scale, the
+    learning rate and what to change."""
+    messages, largest, allocator = _llama_run(40, 2e-2, scaling=16.0)
     assert 1e2 < largest < 1e3, largest  # the divergence the watch is for, held by the ceiling
     assert messages and len(messages) == len(set(messages))
-    assert "lora_alpha=16.0" in messages[0] and "lr 0.02" in messages[0] and "leave lora_alpha at 'auto'" in messages[0]
+    assert "s = 16" in messages[0] and "lr 0.02" in messages[0] and "leave `scaling` unset" in messages[0]
     assert "base_model.model.model.layers." in messages[0]
     assert len(allocator.runaway_layers()) == len(messages)
 
 
-def test_the_defaults_at_the_same_rate_do_not_trip_the_watch() -> None:
-    messages, largest, allocator = _llama_run(40, 2e-2)
+@pytest.mark.parametrize("config", [{}, {"lora_alpha": 16.0}, {"lora_alpha": 32.0}], ids=["defaults", "a16", "a32"])
+def test_the_defaults_and_a_lora_users_alpha_at_the_same_rate_do_not_trip_the_watch(config: dict) -> None:
+    """The defaults, and LoRA's lora_alpha 16 or 32 with r=8 (read as LoRA reads it: the tuned step, or twice it)."""
+    messages, largest, allocator = _llama_run(40, 2e-2, **config)
     assert not messages and largest < 10, largest
     assert allocator.runaway_layers() == []

@@ -113,7 +113,7 @@ def _best_model_trainer(output_dir: Path, max_steps: int) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    model = _peft(target_modules=["query", "key", "value", "dense"], tau=0.3, lora_alpha=1.0)
+    model = _peft(target_modules=["query", "key", "value", "dense"], tau=0.3, scaling=1.0)
     metric = _PeakAtStep()
     trainer = Trainer(
         model=model,

@@ -57,10 +57,9 @@ class RankAllocator:
     ----------
     model : the ``PeftModel`` (DDP- or accelerate-wrapped is fine)
     optimizer : the optimizer over the trainable parameters (an accelerate ``AcceleratedOptimizer`` is fine); a
-        pre-step hook is registered on it. With ``lora_alpha="auto"`` (the default) and no scale written yet, its peak
-        learning rate sets the adapter's scale (:mod:`peft_geolora.scale`): create the allocator after a OneCycleLR
-        (which records its ``max_lr`` in the groups); CyclicLR does not record its peak there, so give ``lora_alpha``
-        a number with it.
+        pre-step hook is registered on it. While no scale is written yet, its peak learning rate and ``lora_alpha``
+        set the adapter's scale (:mod:`peft_geolora.scale`): create the allocator after a OneCycleLR (which records
+        its ``max_lr`` in the groups); CyclicLR does not record its peak there, so give ``scaling`` a number with it.
     adapter_name : which adapter to drive; default: the active adapter
     sync_processes : in a distributed run, broadcast factors, ranks and the step rule's state from process 0 after
         every rewrite, so that all processes hold bit-identical adapters
@@ -107,8 +106,8 @@ class RankAllocator:
         refusals.check_budget_covers_floors(self.config, self.adapters)
         self.optimizer = refusals.unwrap_optimizer(optimizer)
         refusals.check_optimizer_covers_factors(self.optimizer, self.adapters)
-        if config.lora_alpha == "auto" and config.scaling is None:
-            scale.resolve_auto_scale(self.optimizer, self.adapters, (config, self.config))
+        if config.scaling is None:
+            scale.resolve_scale(self.optimizer, self.adapters, (config, self.config))
 
         self.schedule = CycleSchedule.from_config(self.config)
         self._num_truncations = 0

@@ -86,21 +86,22 @@ class GeoLoraConfig(PeftConfig):
     lora_alpha: Union[float, Literal["auto"]] = field(
         default="auto",
         metadata={
-            "help": "The adapter's scale: Delta W = lora_alpha * U S V^T. Not divided by the rank (U and V are "
-            "orthonormal, so ||Delta W|| = lora_alpha * ||S|| at any rank): the initial rank changes neither the "
-            "function nor the step. Under Adam it acts like a learning-rate multiplier of the adapter: the adapter "
-            "moves by about lora_alpha * lr per step. 'auto' (the default): the RankAllocator sets the scale to "
-            "5e-3 / lr when it is created (lr: the peak learning rate of the optimizer's group holding S), so under "
-            "Adam and AdamW the adapter takes the same steps at any learning rate. Under SGD and without an "
-            "allocator the scale is 1."
+            "help": "The adapter's step, read as in LoRA: lora_alpha / r relative to LoRA's usual lora_alpha = 2r. "
+            "The RankAllocator sets the scale s (Delta W = s * U S V^T) when it is created: s = (lora_alpha / 2r) * "
+            "5e-3 / lr under an Adam-family optimizer (lr: the peak learning rate of the optimizer's group holding "
+            "S), so the adapter moves by (lora_alpha / 2r) * 5e-3 per step at any learning rate, the step tuned on "
+            "the suite; s = lora_alpha / 2r under SGD. 'auto' (the default) is lora_alpha = 2r. A LoRA recipe "
+            "(r=8, lora_alpha=16, any lr) therefore trains with the tuned step; the learning rate still sets the "
+            "step of the head and anything else the optimizer trains. To fix s yourself, give `scaling`."
         },
     )
     scaling: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Written at creation: the scale s the adapter computes with (lora_alpha; lora_alpha / r for "
-            "adapters saved by peft-geolora 0.1.0, whose configs lack this key). With lora_alpha='auto' it is "
-            "written when the RankAllocator is created. Fixed for the adapter's life once written."
+            "help": "The scale s the adapter computes with (Delta W = s * U S V^T, not divided by the rank). "
+            "Written when the RankAllocator is created, from lora_alpha and the learning rate, and saved with the "
+            "adapter; fixed for the adapter's life once written. Give a number to fix it yourself (then lora_alpha "
+            "is not read). Configs saved by peft-geolora 0.1.0 lack it and load with lora_alpha / r."
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter's input."})
@@ -213,10 +214,10 @@ class GeoLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GEOLORA
-        if self.scaling is None and _is_number(self.lora_alpha):  # "auto": written by the allocator
-            # A config that records ranks but no scale was saved by 0.1.0, which computed with lora_alpha / r.
-            legacy = bool(self.rank_pattern)
-            self.scaling = float(self.lora_alpha) / self.r if legacy else float(self.lora_alpha)
+        if self.scaling is None and _is_number(self.lora_alpha) and self.rank_pattern:
+            # A config that records ranks but no scale was saved by 0.1.0, which computed with lora_alpha / r. Any
+            # other config without a scale gets it from its RankAllocator (scale.resolve_scale).
+            self.scaling = float(self.lora_alpha) / self.r
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -224,8 +225,7 @@ class GeoLoraConfig(PeftConfig):
         self._validate()
 
     def current_scaling(self) -> float:
-        """The scale ``s`` the adapter computes with now: ``scaling``, or 1 while ``lora_alpha="auto"`` waits for
-        its allocator."""
+        """The scale ``s`` the adapter computes with now: ``scaling``, or 1 while it waits for its allocator."""
         return UNRESOLVED_AUTO_SCALE if self.scaling is None else float(self.scaling)
 
     def _validate(self) -> None:

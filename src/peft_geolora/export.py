@@ -192,8 +192,8 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
     """Replace a loaded LoRA adapter by a GeoLoRA adapter computing the same function.
 
     ``model`` is a ``PeftModel`` holding the LoRA adapter ``adapter_name``; ``geolora_options`` configure the new
-    GeoLoRA adapter (``max_rank``, ``tau``, ...; ``r`` defaults to the largest LoRA rank, ``lora_alpha`` to 1, and
-    ``"auto"`` is refused: the adapter is trained already). Each layer's
+    GeoLoRA adapter (``max_rank``, ``tau``, ...; ``r`` defaults to the largest LoRA rank, the scale ``scaling`` to 1,
+    and an unset scale is refused: the adapter is trained already). Each layer's
     ``(α/r) · B A = Q_B (R_B Cᵀ) Q_Aᵀ`` is factorised through the QR of ``B`` and ``Aᵀ`` and the SVD of the small
     middle matrix. A LoRA rank above ``max_rank`` is refused.
     """
@@ -216,16 +216,16 @@ def geolora_from_lora(model: PeftModel, adapter_name: str = "default", **geolora
     }
     if any(not isinstance(m.lora_A[adapter_name], nn.Linear) for m in layers.values()):
         raise ValueError("Only LoRA adapters on Linear / Conv1D layers can start a GeoLoRA adapter.")
-    if geolora_options.get("lora_alpha") == "auto":
+    if geolora_options.get("scaling", 1.0) is None:
         raise ValueError(
-            "lora_alpha='auto' sets the scale of a new adapter when its training starts, and a LoRA adapter brought "
-            "over is trained already. Give `lora_alpha` a number (the adapter computes the same function at any "
-            "scale; the scale sets how fast it moves under Adam when training continues)."
+            "A LoRA adapter brought over is trained already, so its scale is needed now: give `scaling` a number "
+            "(the adapter computes the same function at any scale; the scale sets how fast it moves under Adam when "
+            "training continues), or leave it at 1."
         )
     ranks = {name: m.r[adapter_name] for name, m in layers.items()}
     # a trained adapter needs a scale now: 1 unless given (the function is the same at any; under Adam the scale sets
     # how fast the adapter moves when training continues)
-    options = {"r": max(ranks.values()), "lora_alpha": 1.0, **geolora_options}
+    options = {"r": max(ranks.values()), "scaling": 1.0, **geolora_options}
     options.setdefault("max_rank", max(options["r"], max(ranks.values())))
     too_big = {n: r for n, r in ranks.items() if r > options["max_rank"]}
     if too_big:

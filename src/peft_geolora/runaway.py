@@ -1,7 +1,7 @@
 """Watching for adapters that run away: a diverging run is reported once, with what to change.
 
-A diverging adapter does not always show as a NaN: with a scale far above what the learning rate suits (a LoRA
-habit such as ``lora_alpha=16`` under Adam), ``‖ΔW‖_F`` can grow by orders of magnitude while the loss sits at
+A diverging adapter does not always show as a NaN: with a scale far above what the learning rate suits (a fixed
+``scaling`` of 16 under Adam at lr 2e-2, say), ``‖ΔW‖_F`` can grow by orders of magnitude while the loss sits at
 chance. At every truncation the allocator knows each adapter's size for free, ``‖ΔW‖_F = s ‖σ‖₂`` (the bases are
 orthonormal), and compares it with its base weight:
 
@@ -41,6 +41,7 @@ class RunawayWatch:
     """Warns once per adapter whose ``‖ΔW‖_F`` exceeds :data:`RUNAWAY_RATIO` times ``max(‖W₀‖_F, 1)``."""
 
     def __init__(self, adapters: AdapterSet, optimizer: torch.optim.Optimizer, lora_alpha: object) -> None:
+        """``lora_alpha``: the config's, named in the message beside the scale it gave."""
         self.adapters = adapters
         self.bounds = [
             RUNAWAY_RATIO * max(base_norm(getattr(a.layer.get_base_layer(), "weight", None)), 1.0) for a in adapters
@@ -65,8 +66,8 @@ class RunawayWatch:
                 warnings.warn(
                     f"GeoLoRA: the adapter of `{a.name}` is running away: ||ΔW||_F = {norm:.3g}, above "
                     f"{RUNAWAY_RATIO:g} × max(||W0||_F, 1) = {self.bounds[i]:.3g}, with scale s = {a.scaling:.3g} "
-                    f"(lora_alpha={lora_alpha!r}) at lr {lr:g}. Training is diverging: leave lora_alpha at 'auto' "
-                    "(it sets s = 5e-3 / lr, the adapter step that trains under Adam), or lower lora_alpha or the "
-                    "learning rate.",
+                    f"(lora_alpha={lora_alpha!r}) at lr {lr:g}. Training is diverging: leave `scaling` unset so "
+                    "that the allocator sets s = (lora_alpha / 2r) * 5e-3 / lr (the adapter step that trains under "
+                    "Adam), or lower the scale, lora_alpha or the learning rate.",
                     stacklevel=4,
                 )
