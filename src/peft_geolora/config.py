@@ -214,10 +214,6 @@ class GeoLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GEOLORA
-        if self.scaling is None and _is_number(self.lora_alpha) and self.rank_pattern:
-            # A config that records ranks but no scale was saved by 0.1.0, which computed with lora_alpha / r. Any
-            # other config without a scale gets it from its RankAllocator (scale.resolve_scale).
-            self.scaling = float(self.lora_alpha) / self.r
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -303,8 +299,12 @@ class GeoLoraConfig(PeftConfig):
 def _read_retired_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Settings written by 0.1.x: ``schedule="step"`` becomes ``cycle_length=0``, and the settings of step variants
     that 0.2.0 removed (:data:`RETIRED_SETTINGS`, ``step_rule="split"``) are dropped, with a warning that names each
-    one whose value trained differently from the default step. None of them changes what a saved adapter computes."""
+    one whose value trained differently from the default step. None of them changes what a saved adapter computes.
+    A config with recorded ranks but no ``scaling`` key at all was saved by 0.1.0, which computed with
+    ``lora_alpha / r``: that becomes its ``scaling``."""
     kwargs = dict(kwargs)
+    if kwargs.get("rank_pattern") and "scaling" not in kwargs and _is_number(kwargs.get("lora_alpha")):
+        kwargs["scaling"] = float(kwargs["lora_alpha"]) / kwargs.get("r", 8)
     if kwargs.pop("schedule", "cycle") == "step":
         kwargs["cycle_length"] = 0
     changed = [f"{k}={kwargs[k]!r}" for k, default in RETIRED_SETTINGS.items() if kwargs.get(k, default) != default]
