@@ -64,12 +64,10 @@ def alpha_factor(config: GeoLoraConfig) -> float:
 def resolve_scale(optimizer: torch.optim.Optimizer, adapters: AdapterSet, configs: tuple[GeoLoraConfig, ...]) -> None:
     """Write ``alpha_factor · auto_scale`` of the group holding the adapters' ``S`` into every layer and into
     ``configs`` (the model's config is saved with the adapter: resolving it completes the adapter's creation, and a
-    resumed run resolves it to the same value from the same optimizer). An adapter that already computes something
-    (``S ≠ 0``, trained or loaded before any allocator set its scale) keeps its function: ``S ← S · s_old / s``."""
+    resumed run resolves it to the same value from the same optimizer: the Trainer's resume loads the checkpoint's
+    ``S``, trained at that scale, into a model rebuilt from the code's config, before the allocator exists)."""
     value = alpha_factor(configs[0]) * auto_scale(optimizer.param_groups[group_index_of(optimizer, adapters[0].S)])
     for a in adapters:
-        with torch.no_grad():
-            a.S.mul_(a.layer.scaling[a.adapter] / value)
         a.layer.scaling[a.adapter] = value
     for config in configs:
         config.scaling = value
