@@ -31,15 +31,13 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model
 
-from peft_geolora import GeoLoraConfig, RankAllocator, integrator
+from peft_geolora import integrator
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +50,7 @@ from tests.test_rank_recovery_adam import (  # noqa: E402
     low_rank_target,
     run_geolora,
 )
-from tests.tiny_models import build, inputs  # noqa: E402
+from tests.test_reliability import _llama_run  # noqa: E402
 
 import soak  # noqa: E402
 
@@ -94,20 +92,9 @@ def rank_recovery(problems: dict, smoke: bool) -> dict[str, Any]:
 
 
 def divergence(lr: float, steps: int, **config: Any) -> float:
-    """The largest ``‖ΔW‖_F`` after ``steps`` on a tiny Llama, every linear layer, AdamW at ``lr``."""
-    model, _ = build("llama", seed=0)
-    model = get_peft_model(model, GeoLoraConfig(task_type="SEQ_CLS", target_modules="all-linear", **config))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        allocator = RankAllocator(model, optimizer)
-        for step in range(steps):
-            model(**inputs(seed=step), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
-            optimizer.step()
-            allocator.step()
-            optimizer.zero_grad()
-        allocator.finish()
-    return max(float(a.layer.get_delta_weight(a.adapter).norm()) for a in allocator.adapters)
+    """The largest ``‖ΔW‖_F`` after ``steps`` on a tiny Llama, every linear layer, AdamW at ``lr`` (the runaway
+    tests' run, ``tests/test_reliability.py``)."""
+    return _llama_run(steps, lr, **config)[1]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
