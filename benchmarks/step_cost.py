@@ -1,20 +1,21 @@
-"""Step cost, side by side in one process: GeoLoRA (rank pinned at 8, and adaptive), LoRA r=8 and AdaLoRA.
+"""Step cost and training memory, side by side in one process: LoRA r=8, AdaLoRA, AdaMSS and GeoLoRA (rank pinned at
+8, the defaults, and the defaults at smaller storage: the lean issue's trade-off).
 
     python benchmarks/step_cost.py [--steps 40] [--smoke]
 
-Every method trains MiniLM-L6 on the same real batches (16 Rotten-Tomatoes snippets, dynamic padding); the
-methods take turns step by step, so drift on a shared machine hits them alike. One step is forward, backward,
-``optimizer.step()`` and the method's rank allocation (GeoLoRA's ``allocator.step()``, AdaLoRA's
-``update_and_allocate``). Reports the mean step time of each (the cost of a whole run, periodic rank updates
-included), the median, the ratios of the means, and process CPU time / wall time beside each (below 1.8 on 2
-threads the machine was contended), and the training memory each method holds at its peak (right after the
-backward pass: trainable weights, their gradients, the optimizer state and GeoLoRA's allocator
-state, its copies of the factors from before each optimizer step included, counted tensor by tensor). Each step is
-also timed by its parts (forward + backward, optimizer step, allocation), and ``floors`` gives what no allocator can
-beat: the ratios with the allocation (and the optimizer step) counted as free, and the memory of the weights and
-gradients alone. The ``geolora_absolute_*`` runs are the default without the relative step of ``S`` (its cost,
-side by side), and ``geolora_tau0.4_adaptive`` the previous default's tau (larger adapters). Writes
-``benchmarks/results/step_cost.json``.
+Every method trains MiniLM-L6 (adapters on every encoder Linear layer, as a user gets them) on the same real batches
+(16 Rotten-Tomatoes snippets, dynamic padding); the methods take turns step by step, so drift on a shared machine
+hits them alike. One step is forward, backward, ``optimizer.step()`` and the method's rank allocation (GeoLoRA's
+``allocator.step()``, AdaLoRA's and AdaMSS's ``update_and_allocate``). Reports the mean step time of each (the cost
+of a whole run, periodic rank updates included), the median, the ratios of the means, and process CPU time / wall
+time beside each (below 1.8 on 2 threads the machine was contended), and the training memory each method holds at
+its peak (right after the backward pass), by part: trainable weights, their gradients, the optimizer state and
+GeoLoRA's allocator state (its copies of the factors from before each optimizer step and the cycle's start),
+counted tensor by tensor. Each step is also timed by its parts (forward + backward, optimizer step, allocation), and
+``floors`` gives what no allocator can beat: the ratios with the allocation (and the optimizer step) counted as
+free, and the memory of the weights and gradients alone. ``rss_growth_mb``: each method trained alone for the same
+steps in a fresh process (``--rss NAME``), how much the process's resident memory grew from the built model to the
+end (the loading's own peak would hide the methods' differences). Writes ``benchmarks/results/step_cost.json``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, AdamssConfig, LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -43,19 +45,27 @@ from peft_geolora import GeoLoraConfig, RankAllocator  # noqa: E402
 TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 
 
-# GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8, "adaptive" ones
-# start at 8 with room for 16; every other setting is the default.
+# GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8; "adaptive" ones
+# are the defaults (r 8, max_rank 16: storage 2 * max_rank = 32 columns), and the lean trade-off's smaller storage
+# (max_rank 8, 6, 4 with r = min(8, max_rank); cycle_length=0, which augments and truncates within one step).
 PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
-ADAPTIVE = {"r": 8, "max_rank": 16}
 GEOLORA = {
-    "geolora_pinned_r8_step": {**PINNED, "cycle_length": 0},
     "geolora_pinned_r8_cycle": PINNED,
-    "geolora_adaptive": ADAPTIVE,  # the default rule and settings
-    "geolora_tau0.4_adaptive": {**ADAPTIVE, "tau": 0.4},
-    "geolora_coefficient_pinned_r8_cycle": {**PINNED, "step_rule": "coefficient"},
-    "geolora_coefficient_adaptive": {**ADAPTIVE, "tau": 0.15, "step_rule": "coefficient"},
+    "geolora_pinned_r8_step": {**PINNED, "cycle_length": 0},
+    "geolora_adaptive": {},  # the defaults
+    **{f"geolora_max{k}_adaptive": {"r": min(8, k), "max_rank": k} for k in (8, 6, 4)},
+    "geolora_cycle0_adaptive": {"cycle_length": 0},
 }
-NAMES = ["lora_r8", *GEOLORA, "adalora"]
+# AdaMSS as the suite runs it (configs/glue/*.yaml: the settings of its documentation's example)
+ADAMSS = {
+    "r": 100,
+    "num_subspaces": 10,
+    "subspace_rank": 3,
+    "use_asa": True,
+    "asa_target_subspaces": 50,
+    "mask_interval": 20,
+}
+NAMES = ["lora_r8", *GEOLORA, "adalora", "adamss"]
 # the parts of a timed step: forward and backward, optimizer.step() (GeoLoRA's pre-step hook included), and the rank
 # allocation with zero_grad (GeoLoRA's allocator.step(), AdaLoRA's update_and_allocate)
 PHASES = ("forward_backward", "optimizer_step", "allocation")
@@ -67,6 +77,10 @@ def build(name: str, path: str, total_steps: int):
     common = {"task_type": "SEQ_CLS", "target_modules": TARGETS}
     if name == "lora_r8":
         config = LoraConfig(r=8, lora_alpha=16, **common)
+    elif name == "adamss":
+        config = AdamssConfig(
+            **ADAMSS, init_warmup=min(2, total_steps // 4), final_warmup=max(3, total_steps // 2), **common
+        )
     elif name == "adalora":
         config = AdaLoraConfig(
             init_r=12,
@@ -86,7 +100,7 @@ def build(name: str, path: str, total_steps: int):
     if name.startswith("geolora"):
         allocator = RankAllocator(model, optimizer)
         allocate = allocator.step
-    elif name == "adalora":
+    elif name in ("adalora", "adamss"):
         allocate = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
     else:
         allocate = None
@@ -137,23 +151,69 @@ def training_memory(model, optimizer, allocator) -> dict[str, int]:
     return memory
 
 
+def real_batches(path: str, count: int) -> list:
+    """``count`` batches of 16 Rotten-Tomatoes snippets, tokenized with dynamic padding, labels attached."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = load_offline("rt_polarity")["train"]
+    batches = []
+    for i in range(count):
+        rows = train[i * 16 : (i + 1) * 16]
+        batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch["labels"] = torch.tensor(rows["label"])
+        batches.append(batch)
+    return batches
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def rss_growth_alone(name: str, count: int) -> float:
+    """Build ``name`` and train it alone for ``count`` steps in this process: how much its resident memory grew from
+    the built model to the end of training (gradients, optimizer and allocator state, the activations' high-water
+    mark that the allocator keeps), in MiB."""
+    path = resolve_model_path(OFFLINE_MODEL)
+    batches = real_batches(path, count)
+    model, optimizer, allocate, _ = build(name, path, count)
+    before = _rss_mb()
+    for step, batch in enumerate(batches):
+        model(**batch).loss.backward()
+        optimizer.step()
+        if allocate is not None:
+            allocate(step) if name in ("adalora", "adamss") else allocate()
+        optimizer.zero_grad()
+    return _rss_mb() - before
+
+
+def rss_growth(names: list[str], count: int) -> dict[str, float]:
+    """Each method's :func:`rss_growth_alone` in a fresh process of its own, one after the other."""
+    out = {}
+    for name in names:
+        command = [sys.executable, __file__, "--rss", name, "--steps", str(count), "--warmup", "0"]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])["rss_growth_mb"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rss", choices=NAMES, help="(internal) train this method alone, print its RSS growth")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cost.json"))
     args = parser.parse_args(argv)
     steps, warmup = (3, 1) if args.smoke else (args.steps, args.warmup)
+    if args.rss:
+        result = {"rss_growth_mb": rss_growth_alone(args.rss, steps + warmup)}
+        print(json.dumps(result))
+        return result
     path = resolve_model_path(OFFLINE_MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    train = load_offline("rt_polarity")["train"]
-    batches = []
-    for i in range(steps + warmup):
-        rows = train[i * 16 : (i + 1) * 16]
-        batch = tokenizer(rows["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        batch["labels"] = torch.tensor(rows["label"])
-        batches.append(batch)
+    batches = real_batches(path, steps + warmup)
     names = NAMES
     setups = {name: build(name, path, steps + warmup) for name in names}
     wall = {name: [] for name in names}
@@ -172,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             w3 = time.perf_counter()
             if allocate is not None:
-                allocate(step) if name == "adalora" else allocate()
+                allocate(step) if name in ("adalora", "adamss") else allocate()
             optimizer.zero_grad()
             c4, w4 = time.process_time(), time.perf_counter()
             if step >= warmup:
@@ -204,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios_of_medians": {f"{a} / {b}": median[a] / median[b] for a, b in pairs},
         "phase_ms": phase_ms,
         "floors": floors(pairs, mean, phase_ms, memory),
+        # each alone, after the side-by-side run (smoke: two of them)
+        "rss_growth_mb": rss_growth(["lora_r8", "geolora_adaptive"] if args.smoke else names, steps + warmup),
     }
     print(json.dumps(result, indent=2))
     if not args.smoke:

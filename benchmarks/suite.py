@@ -5,6 +5,7 @@
     python benchmarks/suite.py --phase init_rank   # GeoLoRA's final size over initial ranks 1 ... 32
     python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
     python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
+    python benchmarks/suite.py --phase lean        # the default at smaller storage (max_rank 8, 6, 4; cycle_length 0)
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -269,6 +270,25 @@ def habit_runs() -> Iterator[Run]:
                     yield Run("habits", task, "lora", lr, 0, f"alpha{alpha}", (f"lora.lora_alpha={alpha}",))
 
 
+# The lean issue's memory/score trade-off: the default at smaller storage. A layer's factors are stored at
+# min(m, n, 2 * max_rank) columns and the optimizer keeps two moments of each, so training memory follows max_rank
+# (16 → 8 → 6 → 4 halves it and more); cycle_length=0 (augment and truncate at every step, the paper's Algorithm 1)
+# is what storage at max_rank alone would train like (no augmented columns between steps). Test protocol, the suite's
+# GeoLoRA lr.
+LEAN_VARIANTS = {
+    **{f"max{k}": (f"geolora.max_rank={k}", f"geolora.r={min(k, 8)}") for k in (8, 6, 4)},
+    "cycle0": ("geolora.cycle_length=0",),
+}
+
+
+def lean_runs(lr: float) -> Iterator[Run]:
+    """The lean phase's runs: seed-major, every variant on every task (``--tasks`` narrows it)."""
+    for seed in SEEDS:
+        for task in OFFLINE_TASKS:
+            for variant, changes in LEAN_VARIANTS.items():
+                yield Run("lean", task, "geolora", lr, seed, variant, (*GEOLORA_DEFAULTS, *changes))
+
+
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -393,6 +413,12 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
             yield Run("test", task, method, LR_GRID[method][len(LR_GRID[method]) // 2])
     elif phase == "habits":
         yield from habit_runs()
+    elif phase == "lean":
+        lr = chosen_lrs(results).get("geolora")
+        if lr is None:
+            print("lean phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
+            return
+        yield from lean_runs(lr)
     elif phase == "ablation":
         for variant, overrides in RUNNABLE.items():
             for task in LR_TASKS:
@@ -765,7 +791,7 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "all"])
+    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "all"])
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--model", choices=list(MODELS), default="minilm", help="the model every run fine-tunes")

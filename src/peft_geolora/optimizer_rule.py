@@ -73,7 +73,8 @@ class OptimizerRule(StepRule):
             for a in self.adapters
         ]
         self._group_of = [optimizer_state.group_index_of(self.optimizer, a.S) for a in self.adapters]
-        # before each step: U₀, V₀ of every adapter and S₀, reused buffers; and what decoupled decay keeps of S₀
+        # before each step: U₀, V₀ of every adapter (active columns) and S₀, reused buffers (new ones when a rank
+        # changed); and what decoupled decay keeps of S₀
         self._bases_before: Optional[list[torch.Tensor]] = None
         self._coefficients_before: Optional[list[torch.Tensor]] = None
         self._kept_after_decay: list[Optional[float]] = []
@@ -88,11 +89,13 @@ class OptimizerRule(StepRule):
                 p.grad = None
             return
         factors = list(self.adapters.factor_params())
+        ranks = [a.rank for a in self.adapters]
         if sharding.is_sharded(factors[0]):  # FSDP2: the whole factors (their active columns), one all-gather
-            factors = sharding.gather_columns(factors, [a.rank for a in self.adapters for _ in "USV"])
+            factors = sharding.gather_columns(factors, [r for r in ranks for _ in "USV"])
         self._coefficients_before = _copy_into(self._coefficients_before, factors[1::3])
         self._kept_after_decay = self._decoupled_decay_factors()
-        bases = [f for i in range(0, len(factors), 3) for f in (factors[i], factors[i + 2])]
+        # the bases' active columns only (everything beyond is zero): this copy grows with the rank, not the capacity
+        bases = [f[:, :r] for r, i in zip(ranks, range(0, len(factors), 3)) for f in (factors[i], factors[i + 2])]
         self._bases_before = _copy_into(self._bases_before, bases)
 
     def steps_bases(self, schedule: CycleSchedule) -> bool:
@@ -102,7 +105,9 @@ class OptimizerRule(StepRule):
         self._grow_coefficient_steps()
         if augment:
             return self._augment()
-        optimizer_state.copy_all([p for a in self.adapters for p in (a.U, a.V)], self._bases_before)
+        bases = [p for a in self.adapters for p in (a.U, a.V)]
+        optimizer_state.copy_all([p[:, : b.shape[-1]] for p, b in zip(bases, self._bases_before)], self._bases_before)
+        torch._foreach_zero_([p[:, b.shape[-1] :] for p, b in zip(bases, self._bases_before)])
         return []
 
     def batches(self) -> list[Batch]:
@@ -192,8 +197,8 @@ class OptimizerRule(StepRule):
         out = []
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
             cd = integrator.compute_dtype(dtype)
-            U0 = torch.stack([self._bases_before[2 * i][:, :r] for i in members]).to(cd)  # (B, m, r)
-            V0 = torch.stack([self._bases_before[2 * i + 1][:, :r] for i in members]).to(cd)  # (B, n, r)
+            U0 = torch.stack([self._bases_before[2 * i] for i in members]).to(cd)  # (B, m, r)
+            V0 = torch.stack([self._bases_before[2 * i + 1] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             U_tilde, V_tilde = new_directions(U0, dU, V0, dV, capacity - r)
