@@ -12,7 +12,8 @@ from typing import Any
 
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+# the checkout's own package first, whatever copy is installed
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
 
 
 def run_child(module: str, *args: str) -> dict[str, Any]:

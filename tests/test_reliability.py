@@ -39,7 +39,16 @@ def test_unsupported_quantized_base_layers_are_refused_naming_the_supported_ones
 def test_sharded_factors_are_refused() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
     model.base_model.model[0].geolora_U["default"].ds_id = 7  # what DeepSpeed ZeRO-3 attaches to its parameters
-    with pytest.raises(RuntimeError, match="FSDP1 .FullyShardedDataParallel. or DeepSpeed ZeRO-3"):
+    with pytest.raises(RuntimeError, match="does not run under DeepSpeed ZeRO-3 yet.*stage 1 or 2.*FSDP2"):
+        RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_the_coefficient_rule_is_refused_under_deepspeed_zero() -> None:
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2, step_rule="coefficient")
+    )
+    model.base_model.model[0].geolora_U["default"]._hp_mapping = object()  # what ZeRO-1/2 link to their parameters
+    with pytest.raises(RuntimeError, match='step_rule="coefficient" does not run under DeepSpeed ZeRO.*default'):
         RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
@@ -126,21 +135,22 @@ def test_zero_gradients_at_initialisation_do_not_break_the_step() -> None:
     assert torch.isfinite(U).all() and orthonormality_error(U) < 1e-6 and torch.all(S == 0)
 
 
-class FakeZeroOptimizer:
-    """Stands in for DeepSpeed's ZeRO-1/2 optimizer: a torch optimizer over flat partitions, wrapped."""
+class UnknownZeroOptimizer:
+    """Stands in for a DeepSpeed ZeRO optimizer whose layout GeoLoRA does not know: a torch optimizer over flat
+    partitions, wrapped, without the model's parameter groups (``bit16_groups`` / ``fp16_groups``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
 
-FakeZeroOptimizer.__module__ = "deepspeed.runtime.zero.stage_1_and_2"
+UnknownZeroOptimizer.__module__ = "deepspeed.runtime.zero.stage_1_and_2"
 
 
-def test_deepspeed_zero_optimizers_are_refused_naming_what_works() -> None:
+def test_an_unknown_deepspeed_zero_optimizer_is_refused_naming_what_is_missing() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
     flat = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])
-    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO stages 1-3.*ZeRO stage 0.*FSDP2"):
-        RankAllocator(model, FakeZeroOptimizer(flat))
+    with pytest.raises(RuntimeError, match="does not know this DeepSpeed optimizer.*bit16_groups"):
+        RankAllocator(model, UnknownZeroOptimizer(flat))
 
 
 def _llama_run(steps: int, lr: float, **config) -> tuple[list[str], float, RankAllocator]:

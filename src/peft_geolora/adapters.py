@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import sharding
+from . import sharding, zero
 from .layer import GeoLoraLayer
 from .optimizer_state import copy_all
 
@@ -61,6 +61,10 @@ class AdapterRef:
     def scaling(self) -> float:
         return self.layer.scaling[self.adapter]
 
+    @property
+    def U_param(self) -> nn.Parameter:
+        return self._factors[0][self.adapter]
+
     def parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         """The factor parameters themselves (sharded ``DTensor``s under FSDP2)."""
         return tuple(factor[self.adapter] for factor in self._factors)
@@ -85,9 +89,11 @@ class Batch:
 
 
 def unwrap_peft_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / accelerate wrappers; return the module that owns the GeoLoRA layers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config")
+    """Strip DDP / DeepSpeed / accelerate wrappers; return the module that owns the GeoLoRA layers."""
+    while (
+        isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+        or type(model).__module__.startswith("deepspeed.")  # its engine forwards attributes such as peft_config
+        or (hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "peft_config"))
     ):
         model = model.module
     return model
@@ -175,17 +181,26 @@ class AdapterSet:
         return [x for a in self.items for x in (a.U[:, : a.rank], a.S[: a.rank, : a.rank], a.V[:, : a.rank])]
 
     def gather(self) -> None:
-        """FSDP2: gather every adapter's factors whole (their active columns) for one rewrite."""
-        flat = sharding.gather_columns(list(self.factor_params()), [a.rank for a in self.items for _ in "USV"])
+        """FSDP2 or DeepSpeed ZeRO: gather every adapter's factors whole for one rewrite (FSDP2: their active columns
+        travel; ZeRO: from the fp32 masters)."""
+        params = list(self.factor_params())
+        if zero.is_zero_param(params[0]):
+            flat = zero.gather(params)
+        else:
+            flat = sharding.gather_columns(params, [a.rank for a in self.items for _ in "USV"])
         for i, a in enumerate(self.items):
             a.whole = flat[3 * i : 3 * i + 3]
 
     def release(self) -> None:
-        """After a rewrite: write each process's shard of the gathered factors back; tell the layers they are
-        current."""
-        for a in self.items:
-            if a.whole is not None:
+        """After a rewrite: write each process's shard (ZeRO: slice, and the model's copy) of the gathered factors back;
+        tell the layers they are current."""
+        gathered = [a for a in self.items if a.whole is not None]
+        if gathered and zero.is_zero_param(gathered[0].U_param):
+            zero.write([p for a in gathered for p in a.parameters()], [w for a in gathered for w in a.whole])
+        else:
+            for a in gathered:
                 for param, whole in zip(a.parameters(), a.whole):
                     sharding.write_local(param, whole)
-                a.whole = None
+        for a in self.items:
+            a.whole = None
             a.layer.mark_allocated(a.adapter)

@@ -102,7 +102,7 @@ class RankAllocator:
         self.adapter_name = adapter_name
         self.sync_processes = sync_processes
         self.adapters = AdapterSet(peft_model, adapter_name)
-        self._sharded = refusals.check_parameters_are_whole(model, self.adapters)
+        self._sharded = refusals.check_parameters_are_whole(model, self.adapters, self.config.step_rule)
         refusals.check_budget_covers_floors(self.config, self.adapters)
         self.optimizer = refusals.unwrap_optimizer(optimizer)
         refusals.check_optimizer_covers_factors(self.optimizer, self.adapters)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import integrator, optimizer_state, sharding
+from . import integrator, optimizer_state, sharding, zero
 from .adapters import Batch, per_adapter
 from .schedule import CycleSchedule
 from .step_rule import StepRule, all_finite, new_directions
@@ -83,14 +83,20 @@ class OptimizerRule(StepRule):
     def before_optimizer_step(self) -> None:
         """Save the factors the optimizer is about to move, or keep it off them if a gradient is not finite
         (torch optimizers skip a parameter whose grad is None)."""
-        self.finite = all_finite(p.grad for p in self.adapters.factor_params())
-        if not self.finite:
-            for p in self.adapters.factor_params():
-                p.grad = None
-            return
         factors = list(self.adapters.factor_params())
+        partitioned = zero.is_zero_param(factors[0])
+        self.finite = all_finite(zero.full_grads(factors) if partitioned else (p.grad for p in factors))
+        if not self.finite:
+            for p in factors:
+                if partitioned:  # ZeRO steps flat partitions whole: a zero gradient keeps the NaN out of the moments
+                    zero.zero_grad(p)
+                else:
+                    p.grad = None
+            return
         ranks = [a.rank for a in self.adapters]
-        if sharding.is_sharded(factors[0]):  # FSDP2: the whole factors (their active columns), one all-gather
+        if partitioned:  # DeepSpeed ZeRO: the whole factors from their fp32 masters
+            factors = zero.gather(factors)
+        elif sharding.is_sharded(factors[0]):  # FSDP2: the whole factors (their active columns), one all-gather
             factors = sharding.gather_columns(factors, [r for r in ranks for _ in "USV"])
         self._coefficients_before = _copy_into(self._coefficients_before, factors[1::3])
         self._kept_after_decay = self._decoupled_decay_factors()
@@ -123,12 +129,15 @@ class OptimizerRule(StepRule):
         factors = [self.adapters[i].parameters() for i in truncated.batch.members]
         state = self._state_of([p for f in factors for p in f])
         optimizer_state.rotate_states(state, factors, truncated.P, truncated.Q, truncated.ranks, self.warn_once)
-        if isinstance(state, sharding.WholeState):
+        if isinstance(state, (sharding.WholeState, zero.WholeState)):
             state.write_back()
 
     def _state_of(self, params: list[torch.Tensor]) -> Any:
-        """The optimizer (its ``.state``) for a rewrite of ``params``' state; under FSDP2 a view with the sharded
-        moments gathered whole (:class:`~peft_geolora.sharding.WholeState`, written back by the caller)."""
+        """The optimizer (its ``.state``) for a rewrite of ``params``' state; under FSDP2 or DeepSpeed ZeRO a view with
+        the moments gathered whole (:class:`~peft_geolora.sharding.WholeState`, :class:`~peft_geolora.zero.WholeState`,
+        written back by the caller)."""
+        if zero.is_zero_param(params[0]):
+            return zero.WholeState(params)
         return sharding.WholeState(self.optimizer, params) if sharding.is_sharded(params[0]) else self.optimizer
 
     def shared_tensors(self) -> list[torch.Tensor]:
@@ -210,7 +219,7 @@ class OptimizerRule(StepRule):
                 start = self.cycle_start[i]
                 start.zero_()
                 start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
-            if isinstance(state, sharding.WholeState):
+            if isinstance(state, (sharding.WholeState, zero.WholeState)):
                 state.write_back()
             out.append(Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
         return out

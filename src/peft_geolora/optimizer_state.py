@@ -29,8 +29,9 @@ QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 def state_tensors(optimizer: Any, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
     """The optimizer's per-entry state tensors of ``p`` (those shaped like ``p``); ``optimizer``: a torch optimizer,
     or anything with its ``.state`` mapping (FSDP2: :class:`~peft_geolora.sharding.WholeState`)."""
+    shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 leaves an empty placeholder in p itself
     for key, value in optimizer.state.get(p, {}).items():
-        if torch.is_tensor(value) and value.shape == p.shape:
+        if torch.is_tensor(value) and value.shape == shape:
             yield key, value
 
 

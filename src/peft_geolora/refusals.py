@@ -7,24 +7,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sharding
+from . import sharding, zero
 from .adapters import AdapterSet
 from .config import GeoLoraConfig
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers); DeepSpeed ZeRO's
-    partitioned optimizers are refused."""
-    wrapper = optimizer
-    while wrapper is not None:
-        if type(wrapper).__module__.startswith("deepspeed.runtime.zero"):
-            raise RuntimeError(
-                "GeoLoRA's RankAllocator cannot run under DeepSpeed ZeRO stages 1-3: their optimizer steps flat "
-                "partitions of the parameters, so neither the factors' gradients nor their optimizer steps are "
-                "visible per factor. Use ZeRO stage 0 (checked on 2 CPU processes), torch DDP, or FSDP2 "
-                "(`fully_shard`)."
-            )
-        wrapper = getattr(wrapper, "optimizer", None)
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers), or the view of a
+    DeepSpeed ZeRO optimizer (:class:`~peft_geolora.zero.OptimizerView`)."""
+    found = zero.find_zero_optimizer(optimizer)
+    if found is not None:
+        return zero.OptimizerView(found)
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -32,23 +25,33 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet) -> bool:
-    """Whether the factors are sharded by FSDP2 (the allocator then gathers them around each rewrite); FSDP1 and
-    DeepSpeed ZeRO-3 are refused."""
+def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet, step_rule: str) -> bool:
+    """Whether the factors are sharded by FSDP2 or partitioned by DeepSpeed ZeRO stages 1-2 (the allocator then
+    gathers them around each rewrite); FSDP1 and ZeRO-3 are refused, and so is the coefficient rule under ZeRO."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    fsdp1 = isinstance(model, FullyShardedDataParallel) or any(
+    if isinstance(model, FullyShardedDataParallel) or any(
         isinstance(m, FullyShardedDataParallel) for m in model.modules()
-    )
-    params = list(adapters.factor_params())
-    if fsdp1 or any(hasattr(p, "ds_id") for p in params):
+    ):
         raise RuntimeError(
-            "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel) or DeepSpeed "
-            "ZeRO-3. Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`), or "
-            "train with DDP or DeepSpeed ZeRO stage 0."
+            "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel). Shard with "
+            "FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`), or train with DDP or "
+            "DeepSpeed ZeRO stage 1 or 2."
         )
-    sharded = any(sharding.is_sharded(p) for p in params)
-    return sharded
+    params = list(adapters.factor_params())
+    if any(hasattr(p, "ds_id") for p in params):
+        raise RuntimeError(
+            "GeoLoRA's RankAllocator does not run under DeepSpeed ZeRO-3 yet (its parameter prefetch expects every "
+            "step to fetch the same parameters in the same order, and fails on GeoLoRA's layers). Use ZeRO stage 1 "
+            "or 2 (optimizer state and gradients partitioned), or FSDP2 (`fully_shard`) to shard the parameters too."
+        )
+    partitioned = any(zero.is_zero_param(p) for p in params)
+    if partitioned and step_rule != "optimizer":
+        raise RuntimeError(
+            f'GeoLoRA\'s step_rule="{step_rule}" does not run under DeepSpeed ZeRO (it keeps the optimizer off the '
+            'factors, which ZeRO steps in flat partitions). Use the default step_rule="optimizer".'
+        )
+    return partitioned or any(sharding.is_sharded(p) for p in params)
 
 
 def check_budget_covers_floors(config: GeoLoraConfig, adapters: AdapterSet) -> None:
