@@ -1,7 +1,8 @@
 """Fingerprint the factors that the allocator leaves after a short run, for each product configuration.
 
 A refactoring of the step must leave every number where it was: run this before and after, on the same machine and
-thread count, and compare the SHA-256 of the final factors (U, S, V of every layer, bytes as stored) and the rank
+thread count, and compare the SHA-256 of the final factors (U, S, V of every layer: their active blocks, bytes as
+stored; everything beyond the rank is zero and the storage width is a layout choice) and the rank
 history. The configurations cover what users configure: the tau rule with its growth test, the relative step,
 pinned ranks, global budgets in singular values and in parameters, the paper's per-step schedule, warm-up and
 freeze, Adam, AdamW and SGD, a fixed scale, a non-finite step, and ``finish()`` mid-cycle.
@@ -71,9 +72,16 @@ def fingerprint(overrides: dict, optimizer_kind: str, lr: float) -> dict:
         allocator.step()
         optimizer.zero_grad()
     allocator.finish()
+    # the factors' active blocks (U[:, :r], S[:r, :r], V[:, :r]: everything beyond is zero, and the storage width is
+    # a layout choice) and every other trainable tensor, as stored
+    ranks = {name: m.rank["default"] for name, m in model.named_modules() if hasattr(m, "geolora_U")}
     digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
+            layer, _, factor = name.partition(".geolora_")
+            if factor:
+                r = ranks[layer]
+                p = p[:r, :r] if factor.startswith("S.") else p[:, :r]
             digest.update(name.encode())
             digest.update(p.detach().contiguous().numpy().tobytes())
     return {"sha256": digest.hexdigest(), "ranks": allocator.ranks(), "rank_history": allocator.rank_history()}

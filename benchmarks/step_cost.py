@@ -47,7 +47,8 @@ TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention
 
 # GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8; "adaptive" ones
 # are the defaults (r 8, max_rank 16: storage 2 * max_rank = 32 columns), and the lean trade-off's smaller storage
-# (max_rank 8, 6, 4 with r = min(8, max_rank); cycle_length=0, which augments and truncates within one step).
+# (max_rank 8, 6, 4 with r = min(8, max_rank); cycle_length=0, which augments and truncates within one step and so
+# stores max_rank columns instead of 2 * max_rank).
 PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
 GEOLORA = {
     "geolora_pinned_r8_cycle": PINNED,
@@ -55,6 +56,7 @@ GEOLORA = {
     "geolora_adaptive": {},  # the defaults
     **{f"geolora_max{k}_adaptive": {"r": min(8, k), "max_rank": k} for k in (8, 6, 4)},
     "geolora_cycle0_adaptive": {"cycle_length": 0},
+    "geolora_cycle0_max8_adaptive": {"cycle_length": 0, "max_rank": 8},
 }
 # AdaMSS as the suite runs it (configs/glue/*.yaml: the settings of its documentation's example)
 ADAMSS = {

@@ -154,8 +154,11 @@ class AdapterSet:
         ``U`` (B, m, w), ``S`` (B, w, w), ``V`` (B, n, w): adapter ``members[b]`` gets the first ``ranks[b]`` columns
         (rows and columns of ``S``); everything beyond is zero.
         """
+        capacity = self.items[members[0]].capacity
+        if U.shape[-1] > capacity:  # an augmentation wider than the storage, truncated to ranks that fit it
+            U, S, V = U[..., :capacity], S[..., :capacity, :capacity], V[..., :capacity]
         width = U.shape[-1]
-        pad = self.items[members[0]].capacity - width
+        pad = capacity - width
         drop = torch.arange(width, device=U.device)[None, :] >= torch.tensor(ranks, device=U.device)[:, None]
         U = torch.nn.functional.pad(U.masked_fill(drop[:, None, :], 0), (0, pad))
         V = torch.nn.functional.pad(V.masked_fill(drop[:, None, :], 0), (0, pad))

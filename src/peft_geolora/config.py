@@ -61,7 +61,8 @@ class GeoLoraConfig(PeftConfig):
         default=16,
         metadata={
             "help": "Largest rank a layer keeps after truncation. Storage capacity is min(in, out, 2 * max_rank) "
-            "so that augmentation from max_rank fits.",
+            "so that augmentation from max_rank fits (min(in, out, max_rank) with cycle_length=0, whose augmented "
+            "adapters never outlive the allocator's step).",
             "allocator": True,
         },
     )
@@ -219,6 +220,14 @@ class GeoLoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+
+    def storage_columns(self) -> int:
+        """Columns each adapter reserves for ``U``, ``V`` (and rows and columns of ``S``), before the layer's own
+        bound ``min(in, out)``: ``2 · max_rank`` when a cycle trains ``S`` on the augmented basis for some steps (the
+        augmented adapter lives in the parameters between steps), ``max_rank`` with ``cycle_length=0`` under the default step rule, where every
+        step augments and truncates at once and the augmented adapter lives only in the allocator's temporaries.
+        Training memory (factors, their gradients, the optimizer's moments) follows this width."""
+        return self.max_rank if self.cycle_length == 0 and self.step_rule == "optimizer" else 2 * self.max_rank
 
     def current_scaling(self) -> float:
         """The scale ``s`` the adapter computes with now: ``scaling``, or 1 while it waits for its allocator."""

@@ -1,7 +1,8 @@
 """GeoLoRA layers: ``U``, ``S``, ``V`` stored at a fixed capacity with a persistent active-rank buffer.
 
 Storage per adapter (notation in :mod:`peft_geolora.integrator`): ``geolora_U`` (m × R), ``geolora_S`` (R × R),
-``geolora_V`` (n × R) with capacity ``R = min(m, n, 2 · max_rank)``, and ``geolora_rank``, a persistent 0-d int64
+``geolora_V`` (n × R) with capacity ``R = min(m, n, 2 · max_rank)`` (``min(m, n, max_rank)`` with
+``cycle_length=0``: :meth:`~peft_geolora.GeoLoraConfig.storage_columns`), and ``geolora_rank``, a persistent 0-d int64
 buffer holding the active rank ``r``. Only ``U[:, :r]``, ``S[:r, :r]``, ``V[:, :r]`` are used; the rest stays exactly
 zero. Shapes never change after construction, so DDP buckets and optimizer references stay valid; the
 allocator rewrites the factors in place. A Python-int mirror of the rank (``self.rank``) keeps the forward free
@@ -98,16 +99,17 @@ class GeoLoraLayer(BaseTunerLayer):
         self,
         adapter_name: str,
         r: int,
-        max_rank: int,
+        storage: int,
         scaling: float,
         lora_dropout: float,
         init_weights: bool,
         inference_mode: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Create the adapter: orthonormal ``U``, ``V`` over the initial rank, ``S = 0`` (or random, for tests)."""
+        """Create the adapter: orthonormal ``U``, ``V`` over the initial rank, ``S = 0`` (or random, for tests), stored
+        at ``min(m, n, storage)`` columns (``storage``: :meth:`GeoLoraConfig.storage_columns`)."""
         m, n = self.out_features, self.in_features
-        capacity = min(m, n, 2 * max_rank)
+        capacity = min(m, n, storage)
         rank = min(r, capacity)
         self.capacity[adapter_name] = capacity
         self.scaling[adapter_name] = scaling  # fixed at creation: follows neither the current nor the initial rank
@@ -246,7 +248,7 @@ class Linear(nn.Module, GeoLoraLayer):
         base_layer: nn.Module,
         adapter_name: str,
         r: int,
-        max_rank: int,
+        storage: int,
         scaling: float,
         lora_dropout: float = 0.0,
         init_weights: bool = True,
@@ -255,7 +257,7 @@ class Linear(nn.Module, GeoLoraLayer):
         super().__init__()
         GeoLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, max_rank, scaling, lora_dropout, init_weights)
+        self.update_layer(adapter_name, r, storage, scaling, lora_dropout, init_weights)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active adapters' ``s · U S Vᵀ`` to the base weight (checking for NaN first if ``safe_merge``)."""

@@ -45,7 +45,7 @@ class GeoLoraModel(BaseTuner):
     ) -> None:
         kwargs = {
             "r": peft_config.r,
-            "max_rank": peft_config.max_rank,
+            "storage": peft_config.storage_columns(),
             "scaling": peft_config.current_scaling(),
             "lora_dropout": peft_config.lora_dropout,
             "init_weights": peft_config.init_weights,

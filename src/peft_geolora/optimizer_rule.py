@@ -78,6 +78,9 @@ class OptimizerRule(StepRule):
         self._bases_before: Optional[list[torch.Tensor]] = None
         self._coefficients_before: Optional[list[torch.Tensor]] = None
         self._kept_after_decay: list[Optional[float]] = []
+        # augmented batches wider than their storage (cycle_length=0): their widened optimizer state, by members,
+        # from the augmentation to the truncation of the same allocator step
+        self._widened: dict[tuple[int, ...], optimizer_state.WidenedState] = {}
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
@@ -127,9 +130,11 @@ class OptimizerRule(StepRule):
 
     def carry(self, truncated: Truncated) -> None:
         factors = [self.adapters[i].parameters() for i in truncated.batch.members]
-        state = self._state_of([p for f in factors for p in f])
+        state = self._widened.pop(tuple(truncated.batch.members), None)
+        if state is None:
+            state = self._state_of([p for f in factors for p in f])
         optimizer_state.rotate_states(state, factors, truncated.P, truncated.Q, truncated.ranks, self.warn_once)
-        if isinstance(state, (sharding.WholeState, zero.WholeState)):
+        if hasattr(state, "write_back"):
             state.write_back()
 
     def _state_of(self, params: list[torch.Tensor]) -> Any:
@@ -210,15 +215,21 @@ class OptimizerRule(StepRule):
             V0 = torch.stack([self._bases_before[2 * i + 1] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
-            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, capacity - r)
+            # up to 2 · max_rank columns in all (the storage holds max_rank of them with cycle_length=0)
+            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, min(m, n, 2 * self.config.max_rank) - r)
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
-            state = self._state_of([p for i in members for p in self.adapters[i].parameters()])
+            factors = [self.adapters[i].parameters() for i in members]
+            state = self._state_of([p for f in factors for p in f])
+            width = S_hat.shape[-1]
+            if width > capacity:  # the augmented adapter outgrows its storage: its state lives until the truncation
+                state = optimizer_state.WidenedState(state, factors, width)
+                self._widened[tuple(members)] = state
             for b, i in enumerate(members):
-                a = self.adapters[i]
-                optimizer_state.pad_state(state, *a.parameters(), r)
+                optimizer_state.pad_state(state, *factors[b], r)
                 start = self.cycle_start[i]
                 start.zero_()
-                start[: S_hat.shape[-2], : S_hat.shape[-1]] = S_hat[b]
+                if width <= capacity:  # (a cycle that outgrows the storage never stays open to read it)
+                    start[:width, :width] = S_hat[b]
             if isinstance(state, (sharding.WholeState, zero.WholeState)):
                 state.write_back()
             out.append(Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))

@@ -28,8 +28,12 @@ QUADRATIC_STATE_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 
 def state_tensors(optimizer: Any, p: nn.Parameter) -> Iterator[tuple[str, torch.Tensor]]:
     """The optimizer's per-entry state tensors of ``p`` (those shaped like ``p``); ``optimizer``: a torch optimizer,
-    or anything with its ``.state`` mapping (FSDP2: :class:`~peft_geolora.sharding.WholeState`)."""
-    shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 leaves an empty placeholder in p itself
+    or anything with its ``.state`` mapping (FSDP2: :class:`~peft_geolora.sharding.WholeState`; a wider
+    augmentation: :class:`WidenedState`, whose entries are shaped as its ``shape_of`` says)."""
+    if hasattr(optimizer, "shape_of"):
+        shape = optimizer.shape_of(p)
+    else:
+        shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3 leaves an empty placeholder in p itself
     for key, value in optimizer.state.get(p, {}).items():
         if torch.is_tensor(value) and value.shape == shape:
             yield key, value
@@ -114,6 +118,45 @@ def rotate_states(
                 new = lmap[index].transpose(-2, -1) @ block @ rmap
                 new = torch.nn.functional.pad(new, (0, width, 0, width))
             copy_all(values, list(new.unbind(0)))
+
+
+class WidenedState:
+    """The optimizer's state of some adapters' factors widened to ``width`` columns, as ``.state[param]`` (``U``:
+    (m, width), ``S``: (width, width), ``V``: (n, width)), for an augmentation wider than the factors' storage.
+
+    With ``cycle_length=0`` every step augments and truncates at once, so the augmented adapter (rank r + k, up to
+    ``2 · max_rank``) lives only inside one allocator step and the factors are stored at ``max_rank`` columns. Its
+    state lives here between :func:`pad_state` and :func:`rotate_states`; :meth:`write_back` keeps the first columns
+    that fit the storage (the truncation's kept ranks, zero beyond) and writes them into ``base``'s state (then
+    ``base.write_back()``, where ``base`` gathered sharded state whole).
+
+    ``factors``: (U, S, V) of each adapter; ``base``: the optimizer, or a whole-state view of it.
+    """
+
+    def __init__(self, base: Any, factors: list[tuple[nn.Parameter, nn.Parameter, nn.Parameter]], width: int) -> None:
+        self.base = base
+        self.state: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+        self._shapes: dict[nn.Parameter, tuple[int, int]] = {}
+        self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for U, S, V in factors:
+            for p, square in ((U, False), (S, True), (V, False)):
+                entries = {}
+                for key, value in state_tensors(base, p):
+                    rows, cols = value.shape
+                    wide = value.new_zeros((width if square else rows, width))
+                    wide[:rows, :cols] = value
+                    entries[key] = wide
+                    self._targets.append((value, wide))
+                self.state[p] = entries
+                self._shapes[p] = (width, width) if square else (getattr(p, "ds_shape", p.shape)[0], width)
+
+    def shape_of(self, p: nn.Parameter) -> tuple[int, int]:
+        return self._shapes[p]
+
+    def write_back(self) -> None:
+        copy_all([t for t, _ in self._targets], [w[: t.shape[0], : t.shape[1]] for t, w in self._targets])
+        if hasattr(self.base, "write_back"):
+            self.base.write_back()
 
 
 def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
