@@ -1,7 +1,7 @@
 """Two-process half of the FSDP2 tests (torchrun --nproc_per_node 2, gloo on CPU).
 
 Usage: torchrun --nproc_per_node 2 -m tests.fsdp_child WORKDIR [STEP_RULE]. On a tiny BERT with GeoLoRA on every
-encoder Linear (the package defaults, or the coefficient rule), ``fully_shard`` on every encoder layer and the root:
+encoder Linear (the package defaults, ``optimizer-cycle0``: with ``cycle_length=0``, or the coefficient rule), ``fully_shard`` on every encoder layer and the root:
 
 * 40 optimizer steps with the allocator, gradient accumulation 2, different data per process; a sharded checkpoint
   (model and optimizer through torch.distributed.checkpoint, plus the allocator state) at step 20;
@@ -55,7 +55,9 @@ def _model(kind: str):
         # lr · sign(g), so FSDP2's and DDP's reduction orders (gradients 2.3e-10 apart) move it in different
         # directions (0.18 apart in U after one step); that is Adam's amplification of rounding, not the sharding's.
         encoder = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
-        config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=encoder)
+        # "optimizer-cycle0": the per-step schedule, whose augmentation outgrows the storage (max_rank columns)
+        options = {"cycle_length": 0} if STEP_RULE == "optimizer-cycle0" else {}
+        config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=encoder, **options)
     model = get_peft_model(base, config)
     for module in model.modules():  # dropout draws per process; the runs compare deterministic steps
         if isinstance(module, torch.nn.Dropout):

@@ -333,11 +333,16 @@ def test_training_memory_by_part_is_what_the_design_says() -> None:
         return measured, shapes, head, len(trainable)
 
     targets = ["query", "key", "value", "dense"]
-    geo, shapes, head, tensors = memory(GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, max_rank=4))
-    weights = sum((m + n) * C + C * C for m, n, C in shapes) + head
-    assert geo["weights"] == 4 * weights and geo["grads"] == 4 * weights
-    assert geo["optimizer_state"] == 4 * (2 * weights + tensors)  # two moments, one step counter per tensor
-    assert geo["allocator_state"] == 4 * sum((m + n) * min(4, C) + 2 * C * C for m, n, C in shapes)
+    # the same storage two ways: 2 * max_rank columns with cycles, max_rank with cycle_length=0 (the augmented
+    # adapter lives only inside the allocator's step)
+    for options in ({"max_rank": 4}, {"max_rank": 8, "cycle_length": 0}):
+        config = GeoLoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4, **options)
+        geo, shapes, head, tensors = memory(config)
+        assert all(C == min(m, n, 8) for m, n, C in shapes)
+        weights = sum((m + n) * C + C * C for m, n, C in shapes) + head
+        assert geo["weights"] == 4 * weights and geo["grads"] == 4 * weights
+        assert geo["optimizer_state"] == 4 * (2 * weights + tensors)  # two moments, one step counter per tensor
+        assert geo["allocator_state"] == 4 * sum((m + n) * min(4, C) + 2 * C * C for m, n, C in shapes)
 
     lora, lora_shapes, head, tensors = memory(
         LoraConfig(task_type="SEQ_CLS", target_modules=targets, r=8, lora_alpha=16)

@@ -13,10 +13,11 @@ from .processes import launch_two_processes, run_child
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("step_rule", ["optimizer", "coefficient"])
+@pytest.mark.parametrize("step_rule", ["optimizer", "optimizer-cycle0", "coefficient"])
 def test_fsdp2_sharded_training_agrees_resumes_and_saves_a_plain_adapter(step_rule: str, tmp_path: Path) -> None:
-    """40 steps with gradient accumulation 2 and different data per process, the package defaults (or the coefficient
-    rule): the same ranks and adapters on both processes and as under DDP, exact resume, a plain adapter."""
+    """40 steps with gradient accumulation 2 and different data per process, the package defaults (or the per-step
+    schedule, whose augmentation outgrows its storage, or the coefficient rule): the same ranks and adapters on both
+    processes and as under DDP, exact resume, a plain adapter."""
     launch_two_processes("-m", "tests.fsdp_child", str(tmp_path), step_rule)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2

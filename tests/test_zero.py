@@ -16,12 +16,15 @@ if importlib.util.find_spec("deepspeed") is None:  # not imported here: the chil
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_training_agrees_with_ddp_resumes_and_saves_a_plain_adapter(stage: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "schedule"), [(1, "cycle"), (2, "cycle"), (2, "cycle0")])
+def test_zero_training_agrees_with_ddp_resumes_and_saves_a_plain_adapter(
+    stage: int, schedule: str, tmp_path: Path
+) -> None:
     """40 steps with DeepSpeed's gradient accumulation 2 and different data per process, the package defaults: the
     fp32 masters really partitioned, the same factors on both processes (and in the masters as in the model), the
-    same ranks and adapters as under DDP, exact resume from a DeepSpeed checkpoint, a plain adapter."""
-    launch_two_processes("-m", "tests.zero_child", str(tmp_path), str(stage))
+    same ranks and adapters as under DDP, exact resume from a DeepSpeed checkpoint, a plain adapter; also with
+    ``cycle_length=0``, whose augmentation outgrows the factors' storage."""
+    launch_two_processes("-m", "tests.zero_child", str(tmp_path), str(stage), schedule)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["partitioned"]
     assert result["rank_changes"] > 0, "ranks never changed"

@@ -1,6 +1,6 @@
 """Two-process half of the DeepSpeed ZeRO tests (accelerate launch --multi_gpu --num_processes 2, gloo on CPU).
 
-Usage: ``python -m tests.zero_child WORKDIR STAGE`` under a two-process launcher. On a tiny BERT with GeoLoRA's
+Usage: ``python -m tests.zero_child WORKDIR STAGE [cycle0]`` under a two-process launcher. On a tiny BERT with GeoLoRA's
 defaults on every encoder Linear, a DeepSpeed engine at ZeRO stage STAGE (the user's torch AdamW, wrapped):
 
 * 40 optimizer steps with the allocator, gradient accumulation 2 (DeepSpeed's), different data per process; a
@@ -35,13 +35,15 @@ from .tiny_models import build, inputs
 
 STEPS, SAVE_AT, ACCUMULATION = 40, 20, 2
 LABELS = torch.tensor([0, 1, 1, 0])
+SCHEDULE = sys.argv[3] if len(sys.argv) > 3 else "cycle"  # "cycle0": cycle_length=0
 
 
 def _model():
     base, _ = build("bert", seed=0)
-    # the package defaults on the encoder's layers (not the pooler: see tests/fsdp_child.py)
-    model = get_peft_model(base, GeoLoraConfig(task_type="SEQ_CLS", target_modules=r".*encoder\.layer\.\d+\..*"
-                                                "(query|key|value|dense)"))  # fmt: skip
+    # the package defaults on the encoder's layers (not the pooler: see tests/fsdp_child.py), or the per-step schedule
+    options = {"cycle_length": 0} if SCHEDULE == "cycle0" else {}
+    encoder = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
+    model = get_peft_model(base, GeoLoraConfig(task_type="SEQ_CLS", target_modules=encoder, **options))
     for module in model.modules():  # dropout draws per process; the runs compare deterministic steps
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
