@@ -38,8 +38,9 @@ def test_unsupported_quantized_base_layers_are_refused_naming_the_supported_ones
 
 def test_sharded_factors_are_refused() -> None:
     model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), GeoLoraConfig(target_modules=["0"], r=2))
-    model.base_model.model[0].geolora_U["default"].ds_id = 7  # what DeepSpeed ZeRO-3 attaches to its parameters
-    with pytest.raises(RuntimeError, match="does not run under DeepSpeed ZeRO-3 yet.*stage 1 or 2.*FSDP2"):
+    U = model.base_model.model[0].geolora_U["default"]
+    U.ds_id, U.ds_persist = 7, True  # what DeepSpeed ZeRO-3 attaches to a parameter it keeps whole everywhere
+    with pytest.raises(RuntimeError, match="ZeRO-3 needs its factors partitioned.*stage3_param_persistence_threshold"):
         RankAllocator(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 

@@ -16,14 +16,15 @@ if importlib.util.find_spec("deepspeed") is None:  # not imported here: the chil
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("stage", "schedule"), [(1, "cycle"), (2, "cycle"), (2, "cycle0")])
+@pytest.mark.parametrize(("stage", "schedule"), [(1, "cycle"), (2, "cycle"), (2, "cycle0"), (3, "cycle")])
 def test_zero_training_agrees_with_ddp_resumes_and_saves_a_plain_adapter(
     stage: int, schedule: str, tmp_path: Path
 ) -> None:
     """40 steps with DeepSpeed's gradient accumulation 2 and different data per process, the package defaults: the
     fp32 masters really partitioned, the same factors on both processes (and in the masters as in the model), the
     same ranks and adapters as under DDP, exact resume from a DeepSpeed checkpoint, a plain adapter; also with
-    ``cycle_length=0``, whose augmentation outgrows the factors' storage."""
+    ``cycle_length=0``, whose augmentation outgrows the factors' storage; at stage 3 the model's parameters are
+    partitioned too (``stage3_param_persistence_threshold`` 0)."""
     launch_two_processes("-m", "tests.zero_child", str(tmp_path), str(stage), schedule)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["partitioned"]
@@ -43,14 +44,17 @@ def test_zero_training_agrees_with_ddp_resumes_and_saves_a_plain_adapter(
 
 
 @pytest.mark.distributed
-def test_trainer_with_accelerates_deepspeed_plugin_really_partitions_and_adapts_ranks(tmp_path: Path) -> None:
-    """The Trainer with ``deepspeed=`` a ZeRO-2 config and GeoLoraCallback: accelerate builds a DeepSpeed engine at
-    stage 2 on CPU (asserted, with the factors' fp32 masters partitioned), the allocator steps once per optimizer
-    step, ranks change and every process ends with the same adapter."""
-    launch_two_processes("-m", "tests.trainer_zero_child", str(tmp_path), "2")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_with_accelerates_deepspeed_plugin_really_partitions_and_adapts_ranks(
+    stage: int, tmp_path: Path
+) -> None:
+    """The Trainer with ``deepspeed=`` a ZeRO config and GeoLoraCallback: accelerate builds a DeepSpeed engine at
+    that stage on CPU (asserted, with the factors partitioned), the allocator steps once per optimizer step, ranks
+    change and every process ends with the same adapter."""
+    launch_two_processes("-m", "tests.trainer_zero_child", str(tmp_path), str(stage))
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["engine"] == "DeepSpeedEngine"
-    assert result["zero_stage"] == 2 and result["partitioned"]
+    assert result["zero_stage"] == stage and result["partitioned"]
     assert result["allocator_steps"] == 16 and result["rank_changes"] > 0 and result["finite"]
     assert result["ranks_identical_across_processes"] and result["factors_identical_across_processes"]
     assert result["logged_total_rank"] and result["logged_total_rank"][-1] == result["total_rank"]

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
@@ -28,10 +29,11 @@ def main(workdir: Path, stage: int) -> None:
     model = get_peft_model(
         base, GeoLoraConfig(task_type="SEQ_CLS", target_modules=r".*encoder\.layer\.\d+\..*(query|key|value|dense)")
     )
-    deepspeed = {
+    config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
-        "zero_optimization": {"stage": stage},
+        # stage 3: GeoLoRA's factors partitioned like every parameter (configs/deepspeed/zero3.json)
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
     }
     args = TrainingArguments(
@@ -46,7 +48,7 @@ def main(workdir: Path, stage: int) -> None:
         report_to=[],
         seed=0,
         disable_tqdm=True,
-        deepspeed=deepspeed,
+        deepspeed=config,
     )
     callback = GeoLoraCallback()
     trainer = Trainer(model=model, args=args, train_dataset=classification_dataset(128), callbacks=[callback])
@@ -56,7 +58,9 @@ def main(workdir: Path, stage: int) -> None:
     ranks = [None, None]
     dist.all_gather_object(ranks, callback.allocator.ranks())
     factors = [None, None]
-    dist.all_gather_object(factors, [p.detach().tolist() for p in params])
+    with deepspeed.zero.GatheredParameters(params):  # stage 3: whole (a no-op at stages 1-2)
+        dist.all_gather_object(factors, [p.detach().tolist() for p in params])
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
     if dist.get_rank() == 0:
         result = {
             "world_size": dist.get_world_size(),
@@ -71,7 +75,7 @@ def main(workdir: Path, stage: int) -> None:
                 h["geolora_total_rank"] for h in trainer.state.log_history if "geolora_total_rank" in h
             ],
             "total_rank": callback.allocator.total_rank(kept=True),
-            "finite": all(bool(torch.isfinite(p).all()) for p in params),
+            "finite": finite,
         }
         (workdir / "result.json").write_text(json.dumps(result))
     dist.barrier()

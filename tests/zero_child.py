@@ -35,6 +35,8 @@ from .tiny_models import build, inputs
 
 STEPS, SAVE_AT, ACCUMULATION = 40, 20, 2
 LABELS = torch.tensor([0, 1, 1, 0])
+# stage 3: every parameter partitioned, the tiny ones too (GeoLoRA refuses factors DeepSpeed keeps whole)
+STAGE3 = {"stage3_param_persistence_threshold": 0}
 SCHEDULE = sys.argv[3] if len(sys.argv) > 3 else "cycle"  # "cycle0": cycle_length=0
 
 
@@ -56,7 +58,7 @@ def _engine(stage: int):
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": ACCUMULATION,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(STAGE3 if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
     }
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -121,8 +123,11 @@ def _train_ddp():
 
 
 def _factors(model) -> dict[str, torch.Tensor]:
-    """Every GeoLoRA factor as the model holds it (stages 1-2: whole on every process)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if ".geolora_" in name}
+    """Every GeoLoRA factor as the model holds it (stages 1-2: whole on every process; stage 3: gathered from the
+    partitions, every process calls this)."""
+    named = [(name, p) for name, p in model.named_parameters() if ".geolora_" in name]
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):  # a no-op for parameters ZeRO does not partition
+        return {name: p.detach().clone() for name, p in named}
 
 
 def main(workdir: Path, stage: int) -> None:
@@ -149,8 +154,10 @@ def main(workdir: Path, stage: int) -> None:
     ddp_factors = _factors(ddp)
     nonfinite = _nonfinite_step(stage)
 
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # stage 3: whole for the save
+        if rank == 0:
+            model.save_pretrained(str(workdir / "adapter"))
     if rank == 0:
-        model.save_pretrained(str(workdir / "adapter"))
         torch.save({"inputs": inputs(seed=99), "logits": logits}, workdir / "logits.pt")
         result = {
             "world_size": world,

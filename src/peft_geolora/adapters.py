@@ -62,6 +62,13 @@ class AdapterRef:
         return self.layer.scaling[self.adapter]
 
     @property
+    def dims(self) -> tuple[int, int]:
+        """(m, n): the rows of ``U`` and ``V`` (read from ``ds_shape`` under DeepSpeed ZeRO-3, which leaves the
+        parameters themselves empty outside the forward)."""
+        U, V = self._factors[0][self.adapter], self._factors[2][self.adapter]
+        return getattr(U, "ds_shape", U.shape)[0], getattr(V, "ds_shape", V.shape)[0]
+
+    @property
     def U_param(self) -> nn.Parameter:
         return self._factors[0][self.adapter]
 

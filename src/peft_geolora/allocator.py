@@ -207,7 +207,7 @@ class RankAllocator:
         if self.schedule.ranks_may_change():
             caps = {i: min(self.config.max_rank, a.capacity) for i, a in enumerate(self.adapters)}
             if self.config.budget is not None and self.config.budget_unit == "params":
-                costs = {i: a.U.shape[0] + a.V.shape[0] for i, a in enumerate(self.adapters)}
+                costs = {i: sum(a.dims) for i, a in enumerate(self.adapters)}
         else:
             fixed = {i: self._base_ranks.get(i, a.rank) for i, a in enumerate(self.adapters)}
         reorthonormalize = self._num_truncations % truncation.REORTHONORMALIZE_EVERY == 1
@@ -286,7 +286,7 @@ class RankAllocator:
     def num_adapter_parameters(self, kept: bool = False) -> int:
         """Trainable adapter parameters at the active ranks: Σ r (m + n + r) (``kept``: as in :meth:`ranks`)."""
         ranks = self.ranks(kept)
-        return sum(r * (a.U.shape[0] + a.V.shape[0] + r) for a, r in zip(self.adapters, ranks.values()))
+        return sum(r * (sum(a.dims) + r) for a, r in zip(self.adapters, ranks.values()))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -26,8 +26,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet, step_rule: str) -> bool:
-    """Whether the factors are sharded by FSDP2 or partitioned by DeepSpeed ZeRO stages 1-2 (the allocator then
-    gathers them around each rewrite); FSDP1 and ZeRO-3 are refused, and so is the coefficient rule under ZeRO."""
+    """Whether the factors are sharded by FSDP2 or partitioned by DeepSpeed ZeRO (the allocator then gathers them
+    around each rewrite); FSDP1, ZeRO-3 with persistent (unpartitioned) factors, and the coefficient rule under ZeRO
+    are refused."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel) or any(
@@ -36,14 +37,15 @@ def check_parameters_are_whole(model: nn.Module, adapters: AdapterSet, step_rule
         raise RuntimeError(
             "GeoLoRA's RankAllocator cannot see whole factors under FSDP1 (FullyShardedDataParallel). Shard with "
             "FSDP2 (`torch.distributed.fsdp.fully_shard`, accelerate's `fsdp_version: 2`), or train with DDP or "
-            "DeepSpeed ZeRO stage 1 or 2."
+            "DeepSpeed ZeRO."
         )
     params = list(adapters.factor_params())
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(getattr(p, "ds_persist", False) for p in params):
         raise RuntimeError(
-            "GeoLoRA's RankAllocator does not run under DeepSpeed ZeRO-3 yet (its parameter prefetch expects every "
-            "step to fetch the same parameters in the same order, and fails on GeoLoRA's layers). Use ZeRO stage 1 "
-            "or 2 (optimizer state and gradients partitioned), or FSDP2 (`fully_shard`) to shard the parameters too."
+            "GeoLoRA under DeepSpeed ZeRO-3 needs its factors partitioned: set `zero_optimization."
+            "stage3_param_persistence_threshold` to 0. Below that threshold DeepSpeed keeps a parameter whole on "
+            "every process, and with GeoLoRA's small factors kept that way a resumed run stopped with DeepSpeed's "
+            "parameter-trace error (measured with DeepSpeed 0.19.8)."
         )
     partitioned = any(zero.is_zero_param(p) for p in params)
     if partitioned and step_rule != "optimizer":
@@ -58,7 +60,7 @@ def check_budget_covers_floors(config: GeoLoraConfig, adapters: AdapterSet) -> N
     """A global budget must at least pay for the ``min_rank`` every adapter keeps."""
     if config.budget is None:
         return
-    floors = [(min(config.min_rank, config.max_rank, a.capacity), a.U.shape[0] + a.V.shape[0]) for a in adapters]
+    floors = [(min(config.min_rank, config.max_rank, a.capacity), sum(a.dims)) for a in adapters]
     if config.budget_unit == "rank":
         need = sum(f for f, _ in floors)
     else:
