@@ -1,10 +1,12 @@
-"""The cost of GeoLoRA's allocation under FSDP2 against DDP: DeBERTaV3-base shapes, two processes (gloo on CPU).
+"""The cost of GeoLoRA's allocation under FSDP2 and DeepSpeed ZeRO-2/3 against DDP: DeBERTaV3-base shapes, two
+processes (gloo on CPU).
 
     torchrun --nproc_per_node 2 benchmarks/fsdp_gather.py [--steps 12] [--out benchmarks/results/fsdp_gather_cpu.json]
 
 The model is the adapted part of DeBERTaV3-base: 12 blocks of query/key/value/output (768 × 768), intermediate
 (768 → 3072) and output (3072 → 768) Linears, 72 adapters, r = 8, max_rank = 16 (capacity 32), cycle schedule; the
-package's default step, and the coefficient rule (tau 0.15) beside it. Each process trains on its own batch of
+package's default step (also under DeepSpeed ZeRO-2 and ZeRO-3, where the allocator reads the factors from their fp32
+masters and their moments through DeepSpeed's accessors), and the coefficient rule (tau 0.15) beside it. Each process trains on its own batch of
 8 × 128 tokens. Measured side by side in one launch, per optimizer step: ``optimizer.step()`` (under FSDP2 its
 pre-step hook gathers the factors whole (default step) or their gradients (coefficient rule)) and
 ``allocator.step()`` (under FSDP2 it gathers the factors, steps them, broadcasts process 0's result and writes each
@@ -69,19 +71,30 @@ def run(kind: str, steps: int, step_rule: str, blocks: int = BLOCKS) -> dict[str
         for block in model.base_model.model.blocks:
             fully_shard(block, mesh=mesh)
         wrapped = fully_shard(model, mesh=mesh)
-    else:
-        wrapped = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if kind.startswith("zero"):  # DeepSpeed ZeRO stage 2 or 3 (every parameter partitioned at stage 3)
+        import deepspeed
+
+        zero = {"stage": int(kind[-1]), "stage3_param_persistence_threshold": 0}
+        config = {
+            "train_micro_batch_size_per_gpu": 8,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+        }
+        wrapped, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    elif kind == "ddp":
+        wrapped = DistributedDataParallel(model)
     allocator = RankAllocator(wrapped, optimizer)
     g = torch.Generator().manual_seed(dist.get_rank())
     optimizer_times, allocator_times = [], []
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
         x = torch.randn(8, 128, HIDDEN, generator=g)
-        wrapped(x).pow(2).mean().backward()
+        loss = wrapped(x).pow(2).mean()
+        wrapped.backward(loss) if kind.startswith("zero") else loss.backward()
         dist.barrier()
         t0 = time.perf_counter()
-        optimizer.step()
+        wrapped.step() if kind.startswith("zero") else optimizer.step()  # DeepSpeed's step: ZeRO's optimizer step
         t1 = time.perf_counter()
         allocator.step()
         t2 = time.perf_counter()
@@ -203,7 +216,7 @@ def main() -> None:
     rows = {
         f"{rule}/{kind}": run(kind, args.steps, rule, args.blocks)
         for rule in ("optimizer", "coefficient")
-        for kind in ("ddp", "fsdp2")
+        for kind in ("ddp", "fsdp2", *(("zero2", "zero3") if rule == "optimizer" else ()))
     }
     if dist.get_rank() == 0:
         result = {
@@ -217,7 +230,9 @@ def main() -> None:
                 "of the factors' active columns (allocator step), and (as under DDP) process 0's ranks and active "
                 "blocks broadcast; each of the two gathers materialises Σ (m + n + R) r × 4 bytes. The default step "
                 "also gathers the optimizer's two moments of the factors, whole, at each augmentation and truncation "
-                "(twice per cycle of 4 steps)"
+                "(twice per cycle of 4 steps). DeepSpeed ZeRO: the factors whole (every stored column) from their "
+                "fp32 masters before and after the optimizer's step, and the moments at augmentations and truncations, "
+                "through DeepSpeed's accessors (one collective per tensor)"
             ),
             "runs": rows,
             "computed": {name: computed_bytes(shapes) for name, shapes in SHAPES.items()},
@@ -226,6 +241,14 @@ def main() -> None:
                     rows[f"{rule}/fsdp2"]["allocator_step_mean_ms"] / rows[f"{rule}/ddp"]["allocator_step_mean_ms"], 2
                 )
                 for rule in ("optimizer", "coefficient")
+            },
+            **{
+                f"allocator_step_{kind}_over_ddp[optimizer]": round(
+                    rows[f"optimizer/{kind}"]["allocator_step_mean_ms"]
+                    / rows["optimizer/ddp"]["allocator_step_mean_ms"],
+                    2,
+                )
+                for kind in ("zero2", "zero3")
             },
         }
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

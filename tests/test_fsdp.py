@@ -45,10 +45,12 @@ def test_fsdp2_example_script_saves_an_adapter_that_loads_unsharded(tmp_path: Pa
 @pytest.mark.distributed
 def test_fsdp2_gather_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/fsdp_gather.py on 2 steps and one block (the committed run, 12 blocks: results/fsdp_gather_cpu.json):
-    both rules under DDP and FSDP2 at DeBERTaV3-base widths, with the bytes the default step gathers."""
+    both rules under DDP and FSDP2, the default step under DeepSpeed ZeRO-2 and ZeRO-3, at DeBERTaV3-base widths, with
+    the bytes the default step gathers."""
     out = tmp_path / "gather.json"
     launch_two_processes("benchmarks/fsdp_gather.py", "--steps", "2", "--blocks", "1", "--out", str(out))
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {f"{r}/{k}" for r in ("optimizer", "coefficient") for k in ("ddp", "fsdp2")}
+    kinds = {f"{r}/{k}" for r in ("optimizer", "coefficient") for k in ("ddp", "fsdp2")}
+    assert set(result["runs"]) == kinds | {"optimizer/zero2", "optimizer/zero3"}
     assert result["runs"]["optimizer/fsdp2"]["moment_bytes_per_augmentation_or_truncation"] > 0
     assert all(row["adapters"] == 6 for row in result["runs"].values())
