@@ -146,9 +146,12 @@ def computed_bytes(shapes: list[tuple[int, int]], rank: int = 8, max_rank: int =
     capacity = [min(m, n, 2 * max_rank) for m, n in shapes]
     active = sum((m + n + c) * rank for (m, n), c in zip(shapes, capacity)) * itemsize
     moments = sum(2 * (m + n + c) * c for (m, n), c in zip(shapes, capacity)) * itemsize
+    whole = sum((m + n + c) * c for (m, n), c in zip(shapes, capacity)) * itemsize
     return {
         "rank": rank,
         "factor_columns_per_gather_MiB": round(active / 2**20, 2),
+        # DeepSpeed ZeRO: each read of the factors assembles them whole (every stored column) from the fp32 masters
+        "zero_factors_whole_per_read_MiB": round(whole / 2**20, 2),
         "gathers_of_factor_columns_per_step": 2,
         "optimizer_moments_per_augmentation_or_truncation_MiB": round(moments / 2**20, 2),
         "augmentations_and_truncations_per_cycle_of_4_steps": 2,
@@ -166,15 +169,16 @@ def markdown(result: dict) -> str:
         "Computed, per process, fp32, all ranks 8 (`max_rank` 16, so capacity 32), the default step:",
         "",
         (
-            "| shape | factor columns per gather (2 per step) | optimizer moments per augmentation or truncation "
-            "(2 per cycle of 4 steps) | mean per step |"
+            "| shape | FSDP2: factor columns per gather (2 per step) | optimizer moments per augmentation or "
+            "truncation (2 per cycle of 4 steps) | FSDP2: mean per step | ZeRO: factors whole per read (2 per step) |"
         ),
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for name, c in result["computed"].items():
         lines.append(
             f"| {name} | {c['factor_columns_per_gather_MiB']} MiB | "
-            f"{c['optimizer_moments_per_augmentation_or_truncation_MiB']} MiB | {c['mean_per_step_MiB']} MiB |"
+            f"{c['optimizer_moments_per_augmentation_or_truncation_MiB']} MiB | {c['mean_per_step_MiB']} MiB | "
+            f"{c.get('zero_factors_whole_per_read_MiB', '')} MiB |"
         )
     lines += [
         "",
