@@ -86,6 +86,7 @@ def _optimizer_rule_with(**changes: str) -> list[str]:
     as YAML text, e.g. ``lora_alpha="8"``). Every variant of the optimizer rule is one of these."""
     base = {
         "step_rule": "optimizer",
+        "max_rank": "16",  # the storage every variant ran at (the package default until the lean issue)
         "lora_alpha": "1",
         "tau": "0.3",
         "growth_tol": "0.2",
@@ -101,18 +102,20 @@ def _optimizer_rule_with(**changes: str) -> list[str]:
 # the user's AdamW steps U, S, V (0.1.0's rule: scale 1, tau 0.3), with the new directions' second
 # moments starting at zero (0.1.0) or at the established ones' mean; the allocator steps the augmented coefficients
 # (scale 1, tau 0.15, growth_tol 0.2); or the authors' split (AdamW steps S, the new directions a gradient step).
-# GeoLoRA's learning-rate, test and initial-rank runs are those of the variant that equals the package defaults,
-# DEFAULT_VARIANT.
+# GeoLoRA's test runs are those of the variant that equals the package defaults, DEFAULT_VARIANT; its learning-rate,
+# habit and initial-rank runs those of the default step, STEP_VARIANT (below).
 ABLATION = {
     "optimizer": _optimizer_rule_with(growth_tol="null", moment_init="zero"),
     "coefficient": [
         "geolora.step_rule=coefficient",
+        "geolora.max_rank=16",
         "geolora.lora_alpha=1",
         "geolora.tau=0.15",
         "geolora.growth_tol=0.2",
     ],
     "split": [
         "geolora.step_rule=split",
+        "geolora.max_rank=16",
         "geolora.lora_alpha=1",
         "geolora.tau=0.15",
         "geolora.growth_tol=0.2",
@@ -203,7 +206,7 @@ def runnable(overrides: Iterable[str]) -> Optional[tuple[str, ...]]:
 ABLATION.update(
     {
         f"optimizer_mean_growth0.1_tau0.5_auto_rel1_{suffix}": [
-            *ABLATION["optimizer_mean_growth0.1_tau0.5_auto_rel1"],
+            *(o for o in ABLATION["optimizer_mean_growth0.1_tau0.5_auto_rel1"] if o.split("=")[0] not in changed),
             *extra,
         ]
         for suffix, extra in {
@@ -211,6 +214,7 @@ ABLATION.update(
             "c0": ["geolora.cycle_length=0"],
             "c0_max8": ["geolora.cycle_length=0", "geolora.max_rank=8", "geolora.r=8"],
         }.items()
+        for changed in [{o.split("=")[0] for o in extra}]
     }
 )
 RUNNABLE = {name: runnable(overrides) for name, overrides in ABLATION.items() if runnable(overrides) is not None}
@@ -231,13 +235,19 @@ def default_variant() -> str:
 
 DEFAULT_VARIANT = default_variant()
 GEOLORA_DEFAULTS = RUNNABLE[DEFAULT_VARIANT]
+# The default *step* (every setting but the storage) as the learning-rate grid, the ablation, the habit and the
+# initial-rank phases measured it, at max_rank 16, before the lean issue stored it at max_rank 8 (DEFAULT_VARIANT,
+# chosen on the test protocol: the lean phase): the suite's GeoLoRA lr is its grid's choice, and those phases'
+# GeoLoRA runs are its runs.
+STEP_VARIANT = "optimizer_mean_growth0.1_tau0.5_auto_rel1"
+STEP_DEFAULTS = RUNNABLE[STEP_VARIANT]
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, the previous
 # defaults' (tau 0.4; "auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread,
 # the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's
 # size), the setting the README recommends for LoRA users' learning rates (lora_alpha=8) and the cheapest step of the
 # default rule (basis_steps="augment")
 INIT_RANK_VARIANTS = (
-    DEFAULT_VARIANT,
+    STEP_VARIANT,
     "optimizer_mean_growth0.1_tau0.4_auto_rel1",
     "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
@@ -247,12 +257,13 @@ INIT_RANK_VARIANTS = (
     "optimizer_mean_growth_alpha8",
     "optimizer_mean_growth_aug",
 )
-# GeoLoRA variants run on the test protocol (every task, every seed): the default, the four previous defaults (tau 0.4;
+# GeoLoRA variants run on the test protocol (every task, every seed): the default, the five previous defaults (max_rank 16; tau 0.4;
 # "auto" without the relative step; scale 1 with growth_tol 0.1 and tau 0.4; growth_tol 0.2 and tau 0.3), and the
 # default rule with the bases stepped only at augmentations (the cheapest step). The report also shows any other
 # variant's test runs (relative_step_above=0.5: seed 0 of four tasks, stopped once it kept as many parameters)
 TEST_VARIANTS = (
     DEFAULT_VARIANT,
+    STEP_VARIANT,
     "optimizer_mean_growth0.1_tau0.4_auto_rel1",
     "optimizer_mean_growth0.1_tau0.4_auto",
     "optimizer_mean_growth0.1_tau0.4",
@@ -282,7 +293,7 @@ def habit_runs() -> Iterator[Run]:
                 for meaning, setting in HABIT_MEANINGS.items():
                     if meaning == "lora" and alpha == 2 * 8:  # exactly "auto": its lr-grid runs (habit_records)
                         continue
-                    defaults = tuple(o for o in GEOLORA_DEFAULTS if not o.startswith("geolora.lora_alpha="))
+                    defaults = tuple(o for o in STEP_DEFAULTS if not o.startswith("geolora.lora_alpha="))
                     yield Run("habits", task, "geolora", lr, 0, f"alpha{alpha}_{meaning}", (*defaults, setting(alpha)))
                 if alpha != 16:
                     yield Run("habits", task, "lora", lr, 0, f"alpha{alpha}", (f"lora.lora_alpha={alpha}",))
@@ -346,7 +357,7 @@ def primary_score(task: str, metrics: dict[str, float]) -> float:
 def lr_run(task: str, method: str, lr: float) -> Run:
     """The learning-rate run of a method: GeoLoRA's are the step-rule runs of the package's default rule."""
     if method == "geolora":
-        return Run("ablation", task, "geolora", lr, 0, DEFAULT_VARIANT, GEOLORA_DEFAULTS)
+        return Run("ablation", task, "geolora", lr, 0, STEP_VARIANT, STEP_DEFAULTS)
     return Run("lr", task, method, lr)
 
 
@@ -383,7 +394,8 @@ def variant_lr(variant: str, results: Path) -> Optional[float]:
 def variant_lrs(variants: Iterable[str], suite_lr: float, results: Path) -> dict[str, float]:
     """The lr of each GeoLoRA variant in the test and initial-rank phases: the suite's chosen lr for the default, a
     variant's own best (:func:`variant_lr`) for the others, or the suite's until their ablation grid is complete."""
-    return {v: suite_lr if v == DEFAULT_VARIANT else variant_lr(v, results) or suite_lr for v in variants}
+    own = (DEFAULT_VARIANT, STEP_VARIANT)
+    return {v: suite_lr if v in own else variant_lr(v, results) or suite_lr for v in variants}
 
 
 def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = None) -> Iterator[Run]:
@@ -417,9 +429,7 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
         own_lrs = variant_lrs(INIT_RANK_VARIANTS, lr, results)  # e.g. lora_alpha=8: 2e-3
         for seed in SEEDS:
             for variant, own in own_lrs.items():
-                if variant not in RUNNABLE or seed not in (
-                    seeds or (SEEDS if variant == DEFAULT_VARIANT else SEEDS[:1])
-                ):
+                if variant not in RUNNABLE or seed not in (seeds or (SEEDS if variant == STEP_VARIANT else SEEDS[:1])):
                     continue
                 for task in INIT_RANK_TASKS:
                     for r0 in INIT_RANKS:
@@ -642,7 +652,7 @@ def _spread(sizes: list[float]) -> str:
 def markdown(results: Path) -> str:
     lines = []
     ablation = load(results, "ablation")
-    lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == DEFAULT_VARIANT]
+    lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == STEP_VARIANT]
     if lr_records:
         lines += ["**Learning-rate selection** (validation, seed 0; primary score per task):", ""]
         header = "| method | lr | " + " | ".join(LR_TASKS) + " | mean | adapter params |"
@@ -690,7 +700,7 @@ def markdown(results: Path) -> str:
             "| variant | task | " + " | ".join(f"r0={r}" for r in INIT_RANKS) + " | spread vs mean | seed spread |"
         )
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
-        variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: (v != DEFAULT_VARIANT, v))
+        variants = sorted({r["variant"].rsplit("_r", 1)[0] for r in init}, key=lambda v: (v != STEP_VARIANT, v))
         runs: dict[tuple[str, str], list[int]] = defaultdict(list)  # (task, variant_rN) -> sizes over seeds
         for r in init:
             runs[(r["task"], r["variant"])].append(r["adapter_params_end"])
@@ -704,7 +714,7 @@ def markdown(results: Path) -> str:
                 cells = [_size_cell(sizes) if sizes else "" for sizes in mine]
                 means = [statistics.mean(sizes) for sizes in mine if sizes]
                 spread = _spread(means) if len(means) == len(INIT_RANKS) else ""
-                name = f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}"
+                name = f"{variant}{' (default step)' if variant == STEP_VARIANT else ''}"
                 seeds = seed_sizes[(task, variant)]
                 noise = _spread(seeds) if len(seeds) > 1 else ""
                 lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} | {noise} |")
@@ -714,7 +724,7 @@ def markdown(results: Path) -> str:
         lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
         lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
         rows = {
-            f"{variant}{' (default)' if variant == DEFAULT_VARIANT else ''}": [
+            f"{variant}{' (default step)' if variant == STEP_VARIANT else ''}": [
                 r for r in ablation if r["variant"] == variant
             ]
             for variant in ABLATION
@@ -745,7 +755,7 @@ def habit_records(results: Path) -> dict[tuple[str, str, float, str], dict[str, 
         if r["method"] == "lora" and r["lr"] in HABIT_LRS and r["task"] in LR_TASKS:
             out[("lora", "alpha16", r["lr"], r["task"])] = r
     for r in load(results, "ablation"):
-        if r["variant"] == DEFAULT_VARIANT and r["lr"] in HABIT_LRS:
+        if r["variant"] == STEP_VARIANT and r["lr"] in HABIT_LRS:
             out[("geolora (auto)", "alpha16", r["lr"], r["task"])] = r
             out[("geolora (lora)", "alpha16", r["lr"], r["task"])] = r  # lora_alpha=16 with r=8 is "auto"
     return out

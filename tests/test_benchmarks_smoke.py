@@ -191,15 +191,15 @@ def test_suite_measures_each_initial_rank_and_test_variant_at_its_own_best_lr(tm
             run.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": 0.5 + 0.1 * (i == 1)}}}))
     assert suite.variant_lr(variant, tmp_path) == grid[2]
     lrs = {run.variant.rsplit("_r", 1)[0]: run.lr for run in suite.planned_runs("init_rank", tmp_path)}
-    assert lrs[variant] == grid[2] and lrs[suite.DEFAULT_VARIANT] == grid[1]
+    assert lrs[variant] == grid[2] and lrs[suite.STEP_VARIANT] == grid[1]
     assert lrs["coefficient"] == grid[1]  # no complete grid of its own: GeoLoRA's chosen lr
-    assert set(lrs) == {suite.DEFAULT_VARIANT, variant, "coefficient"}  # the others need removed settings
+    assert set(lrs) == {suite.STEP_VARIANT, variant, "coefficient"}  # the others need removed settings
     seeds = {(run.variant.rsplit("_r", 1)[0], run.seed) for run in suite.planned_runs("init_rank", tmp_path)}
-    assert {seed for v, seed in seeds if v == suite.DEFAULT_VARIANT} == set(suite.SEEDS)  # one run's size is noisy
+    assert {seed for v, seed in seeds if v == suite.STEP_VARIANT} == set(suite.SEEDS)  # one run's size is noisy
     assert {seed for v, seed in seeds if v == variant} == {0}
     assert {run.seed for run in suite.planned_runs("init_rank", tmp_path, seeds=(2,))} == {2}
     test_lrs = {(run.variant, run.lr) for run in suite.planned_runs("test", tmp_path) if run.method == "geolora"}
-    assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), (variant, grid[2])}
+    assert test_lrs == {(suite.DEFAULT_VARIANT, grid[1]), (suite.STEP_VARIANT, grid[1]), (variant, grid[2])}
     suite.Run("ablation", "trec6", "geolora", grid[0], 0, variant).path(tmp_path).unlink()
     assert suite.variant_lr(variant, tmp_path) is None
 
@@ -209,7 +209,10 @@ def test_retired_variants_are_recognised_and_the_default_runs_as_the_package_def
 
     assert suite.runnable(["geolora.moment_init=zero"]) is None and suite.runnable(["geolora.step_rule=split"]) is None
     assert suite.runnable(["geolora.moment_init=mean", "geolora.tau=0.5"]) == ("geolora.tau=0.5",)
-    assert suite.DEFAULT_VARIANT == "optimizer_mean_growth0.1_tau0.5_auto_rel1"
+    assert suite.DEFAULT_VARIANT == "optimizer_mean_growth0.1_tau0.5_auto_rel1_max8"
+    assert suite.STEP_VARIANT == "optimizer_mean_growth0.1_tau0.5_auto_rel1"
+    # the default is the step the learning-rate grid measured, stored at max_rank 8
+    assert set(suite.GEOLORA_DEFAULTS) - set(suite.STEP_DEFAULTS) == {"geolora.max_rank=8", "geolora.r=8"}
     assert all("relative_step_above" not in o and "moment_init" not in o for o in suite.GEOLORA_DEFAULTS)
 
 
