@@ -60,6 +60,7 @@ def _engine(stage: int):
         "gradient_accumulation_steps": ACCUMULATION,
         "zero_optimization": {"stage": stage, **(STAGE3 if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; DDP, the comparison, does not clip
     }
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return model, engine, optimizer
