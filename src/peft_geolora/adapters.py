@@ -68,10 +68,6 @@ class AdapterRef:
         U, V = self._factors[0][self.adapter], self._factors[2][self.adapter]
         return getattr(U, "ds_shape", U.shape)[0], getattr(V, "ds_shape", V.shape)[0]
 
-    @property
-    def U_param(self) -> nn.Parameter:
-        return self._factors[0][self.adapter]
-
     def parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
         """The factor parameters themselves (sharded ``DTensor``s under FSDP2)."""
         return tuple(factor[self.adapter] for factor in self._factors)
@@ -205,7 +201,7 @@ class AdapterSet:
         """After a rewrite: write each process's shard (ZeRO: slice, and the model's copy) of the gathered factors back;
         tell the layers they are current."""
         gathered = [a for a in self.items if a.whole is not None]
-        if gathered and zero.is_zero_param(gathered[0].U_param):
+        if gathered and zero.is_zero_param(gathered[0].parameters()[0]):
             zero.write([p for a in gathered for p in a.parameters()], [w for a in gathered for w in a.whole])
         else:
             for a in gathered:

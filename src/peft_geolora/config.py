@@ -227,8 +227,9 @@ class GeoLoraConfig(PeftConfig):
     def storage_columns(self) -> int:
         """Columns each adapter reserves for ``U``, ``V`` (and rows and columns of ``S``), before the layer's own
         bound ``min(in, out)``: ``2 · max_rank`` when a cycle trains ``S`` on the augmented basis for some steps (the
-        augmented adapter lives in the parameters between steps), ``max_rank`` with ``cycle_length=0`` under the default step rule, where every
-        step augments and truncates at once and the augmented adapter lives only in the allocator's temporaries.
+        augmented adapter lives in the parameters between steps), ``max_rank`` with ``cycle_length=0`` under the
+        default step rule, where every step augments and truncates at once and the augmented adapter lives only in
+        the allocator's temporaries.
         Training memory (factors, their gradients, the optimizer's moments) follows this width."""
         return self.max_rank if self.cycle_length == 0 and self.step_rule == "optimizer" else 2 * self.max_rank
 
