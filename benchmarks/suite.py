@@ -6,6 +6,7 @@
     python benchmarks/suite.py --phase ablation    # GeoLoRA's step rules side by side on the lr grid
     python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
     python benchmarks/suite.py --phase lean        # the default at smaller storage (max_rank 8, 6, 4; cycle_length 0)
+    python benchmarks/suite.py --phase frontier    # every method at several sizes (the size-score frontier)
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -315,6 +316,42 @@ def lean_runs(lr: float) -> Iterator[Run]:
                 yield Run("test", task, "geolora", lr, seed, variant, RUNNABLE[variant])
 
 
+# The size-score frontier: every method at several sizes on the test protocol (each at the suite's chosen lr), as runs
+# of the "frontier" phase; the suite's own test runs are each method's point at its suite size (LoRA r=8, AdaLoRA
+# target 8, AdaMSS 50 subspaces, GeoLoRA's default tau rule). LoRA at r = 1, 2, 4 with alpha = 2r (as the suite's
+# r=8); AdaLoRA at target_r 2 and 4 with init_r 1.5x the target; AdaMSS with 25 and 100 subspaces kept by its ASA
+# pruning; GeoLoRA's defaults under a global parameter budget (budget_unit="params") of exactly LoRA r = 1, 2, 4's
+# sizes on these layers, so that each peer point has a GeoLoRA point of at most its size to be compared with.
+FRONTIER_TASKS = ("rt_polarity", "trec6")
+LORA_PARAMS_PER_RANK = 41_472  # sum over the suite's 36 MiniLM layers of (in + out): LoRA r=8 keeps 331,776
+FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
+    "lora": {f"r{r}": (f"lora.r={r}", f"lora.lora_alpha={2 * r}") for r in (1, 2, 4)},
+    "adalora": {f"r{r}": (f"adalora.target_r={r}", f"adalora.init_r={3 * r // 2}") for r in (2, 4)},
+    "adamss": {f"asa{k}": (f"adamss.asa_target_subspaces={k}",) for k in (25, 100)},
+    "geolora": {
+        f"budget{r * LORA_PARAMS_PER_RANK}": (
+            *GEOLORA_DEFAULTS,
+            "geolora.budget_unit=params",
+            f"geolora.budget={r * LORA_PARAMS_PER_RANK}",
+        )
+        for r in (1, 2, 4)
+    },
+}
+
+
+def frontier_runs(results: Path) -> Iterator[Run]:
+    """The frontier phase's runs, seed-major (a partial frontier compares every size at the first seeds)."""
+    lrs = chosen_lrs(results)
+    for seed in SEEDS:
+        for task in FRONTIER_TASKS:
+            for method, sizes in FRONTIER.items():
+                if method not in lrs:
+                    print(f"frontier phase: no lr chosen yet for {method} (run --phase lr first)", flush=True)
+                    continue
+                for variant, overrides in sizes.items():
+                    yield Run("frontier", task, method, lrs[method], seed, variant, overrides)
+
+
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
 PRIMARY = {
     "rt_polarity": ("accuracy",),
@@ -446,6 +483,8 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
             print("lean phase: GeoLoRA's lr is not chosen yet (run --phase lr first)", flush=True)
             return
         yield from lean_runs(lr)
+    elif phase == "frontier":
+        yield from frontier_runs(results)
     elif phase == "ablation":
         for variant, overrides in RUNNABLE.items():
             for task in LR_TASKS:
@@ -818,7 +857,7 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "all"])
+    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "frontier", "all"])
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--model", choices=list(MODELS), default="minilm", help="the model every run fine-tunes")
