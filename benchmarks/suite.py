@@ -759,6 +759,7 @@ def markdown(results: Path) -> str:
                 lines.append(f"| {name} | {task} | " + " | ".join(cells) + f" | {spread} | {noise} |")
         lines += [""]
     lines += habits_table(results)
+    lines += frontier_markdown(results)
     if ablation:
         lines += ["**GeoLoRA step rules** (validation, seed 0; adapter parameters at the end):", ""]
         lines += ["| rule | task | " + " | ".join(f"{lr:g}" for lr in LR_GRID["geolora"]) + " |", "|" + "---|" * 7]
@@ -780,6 +781,165 @@ def markdown(results: Path) -> str:
                 lines.append(f"| {rule} | {task} | " + " | ".join(cells) + " |")
         lines += [""]
     return "\n".join(lines)
+
+
+# the suite's own test runs as frontier points: each method at its suite size (the size settings of BASE_CONFIG)
+SUITE_SIZES = {"lora": "r8", "adalora": "r8", "adamss": "asa50", "geolora": "tau"}
+SIZE_TOLERANCE = 0.05  # "at most its size": a GeoLoRA point may keep up to 5 % more parameters than the peer's
+
+
+@dataclass
+class Point:
+    """One method at one size setting on FRONTIER_TASKS: per seed, the mean test score over the tasks (only seeds
+    with every task done) and the adapter parameters at the end (mean over its runs); per task, the mean score."""
+
+    method: str
+    size: str
+    by_seed: dict[int, float]
+    params: float
+    tasks: dict[str, float]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.size}"
+
+    @property
+    def score(self) -> float:
+        return statistics.mean(self.by_seed.values())
+
+    @property
+    def sd(self) -> float:
+        return _mean_sd(list(self.by_seed.values()))[1]
+
+
+def frontier_points(results: Path) -> list[Point]:
+    """Every method's frontier points: the frontier phase's runs and the suite's test runs at the suite sizes."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in load(results, "frontier"):
+        runs[(r["method"], r["variant"])].append(r)
+    for r in load(results, "test"):
+        if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:
+            if r["method"] == "geolora" and r["variant"] != DEFAULT_VARIANT:
+                continue
+            runs[(r["method"], SUITE_SIZES[r["method"]])].append(r)
+    points = []
+    for (method, size), mine in runs.items():
+        scores = {(r["seed"], r["task"]): r["primary"]["test"] for r in mine}
+        seeds = sorted({seed for seed, _ in scores if all((seed, t) in scores for t in FRONTIER_TASKS)})
+        if not seeds:
+            continue
+        kept = [r for r in mine if r["seed"] in seeds]
+        points.append(
+            Point(
+                method,
+                size,
+                {seed: statistics.mean(scores[(seed, t)] for t in FRONTIER_TASKS) for seed in seeds},
+                statistics.mean(r["adapter_params_end"] for r in kept),
+                {t: statistics.mean(scores[(seed, t)] for seed in seeds) for t in FRONTIER_TASKS},
+            )
+        )
+    return sorted(points, key=lambda p: (ADAPTER_METHODS.index(p.method), p.params))
+
+
+def _on_common_seeds(ours: Point, peer: Point) -> tuple[float, float]:
+    """Both points' mean score over the seeds both have (over the peer's seeds where they share none)."""
+    common = sorted(set(ours.by_seed) & set(peer.by_seed)) or sorted(peer.by_seed)
+    return statistics.mean(ours.by_seed.get(s, ours.score) for s in common), statistics.mean(
+        peer.by_seed[s] for s in common
+    )
+
+
+def dominance(points: list[Point]) -> list[tuple[Point, Optional[Point], Optional[Point]]]:
+    """For each peer point P: the smallest GeoLoRA point of at most P's size (+5 %) that scores at least P's average
+    over the seeds both have (or None), and the best-scoring GeoLoRA point of at most that size (or None)."""
+    ours = [p for p in points if p.method == "geolora"]
+    out = []
+    for peer in (p for p in points if p.method != "geolora"):
+        small = [g for g in ours if g.params <= (1 + SIZE_TOLERANCE) * peer.params]
+
+        winners = [g for g in small if _on_common_seeds(g, peer)[0] >= _on_common_seeds(g, peer)[1]]
+        best = max(small, key=lambda g: _on_common_seeds(g, peer)[0], default=None)
+        out.append((peer, min(winners, key=lambda g: g.params, default=None), best))
+    return out
+
+
+def frontier_markdown(results: Path) -> list[str]:
+    """The frontier table (mean test score over FRONTIER_TASKS, sd over seeds) and which peer points GeoLoRA
+    dominates."""
+    points = frontier_points(results)
+    if not points:
+        return []
+    lines = [
+        (
+            f"**Size-score frontier** ({' and '.join(FRONTIER_TASKS)}, test split; the mean over the tasks, then over "
+            "the seeds with every task done, ± its sd over seeds; adapter parameters at the end; each method at the "
+            "suite's lr; `python benchmarks/suite.py --phase frontier`):"
+        ),
+        "",
+    ]
+    header = "| method | size setting | " + " | ".join(FRONTIER_TASKS) + " | mean ± sd (seeds) | adapter params |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for p in points:
+        cells = " | ".join(f"{p.tasks[t]:.4f}" for t in FRONTIER_TASKS)
+        lines.append(
+            f"| {p.method} | {p.size} | {cells} | {p.score:.4f} ± {p.sd:.4f} ({len(p.by_seed)}) | {p.params:,.0f} |"
+        )
+    lines += [
+        "",
+        (
+            f"Peer points GeoLoRA dominates (a GeoLoRA point of at most the size + {SIZE_TOLERANCE:.0%}, a mean "
+            "at least as high over the seeds both have):"
+        ),
+        "",
+    ]
+    for peer, winner, best in dominance(points):
+        if winner is not None:
+            verdict = f"dominated by geolora {winner.size} ({winner.score:.4f}, {winner.params:,.0f})"
+        elif best is not None:
+            verdict = (
+                f"**not dominated**: the best GeoLoRA point of at most its size is {best.size} "
+                f"({best.score:.4f}, {best.params:,.0f})"
+            )
+        else:
+            verdict = "**not dominated**: no GeoLoRA point is that small"
+        lines.append(f"* {peer.name} ({peer.score:.4f}, {peer.params:,.0f}): {verdict}")
+    return [*lines, ""]
+
+
+def frontier_plot(results: Path, path: Path) -> Optional[Path]:
+    """frontier.png: mean test score over FRONTIER_TASKS against adapter parameters, a curve per method, the seeds'
+    sd as error bars."""
+    points = frontier_points(results)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ADAPTER_METHODS:
+        mine = [p for p in points if p.method == method]
+        if mine:
+            ax.errorbar(
+                [p.params for p in mine],
+                [p.score for p in mine],
+                yerr=[p.sd for p in mine],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+            for p in mine:
+                ax.annotate(p.size, (p.params, p.score), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters at the end")
+    ax.set_ylabel(f"mean test score ({', '.join(FRONTIER_TASKS)})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def habit_records(results: Path) -> dict[tuple[str, str, float, str], dict[str, Any]]:
@@ -857,7 +1017,9 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "frontier", "all"])
+    parser.add_argument(
+        "--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "frontier", "all"]
+    )
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")
     parser.add_argument("--model", choices=list(MODELS), default="minilm", help="the model every run fine-tunes")
@@ -888,6 +1050,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         report = markdown(results)
         (results / "suite.md").write_text(report)
         plot(results, results / "suite.png")
+        frontier_plot(results, results / "frontier.png")
         if results.resolve() == RESULTS.resolve():
             update_report_doc(report)
         print(report)

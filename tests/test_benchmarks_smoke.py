@@ -130,6 +130,52 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
 
 
+def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(tmp_path) -> None:
+    """The frontier: a point's score is the mean over FRONTIER_TASKS, then over the seeds with every task done (a seed
+    missing a task is left out); the suite's test runs are the methods' suite-size points; a peer point is dominated
+    by the smallest GeoLoRA point of at most its size + 5 % that scores at least as high on the seeds both have."""
+    import suite
+
+    def write(phase: str, method: str, variant: str, task: str, seed: int, score: float, params: int) -> None:
+        run = suite.Run(phase, task, method, 1e-3, seed, variant)
+        run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        record = {**_record(task, method, 1e-3, score, seed, "test"), "variant": variant, "adapter_params_end": params}
+        run.path(tmp_path).write_text(json.dumps(record))
+
+    first, second = suite.FRONTIER_TASKS
+    for seed in (0, 1):
+        write("frontier", "geolora", "budget41472", first, seed, 0.80 + 0.02 * seed, 41_000)
+        write("frontier", "geolora", "budget41472", second, seed, 0.90, 41_000)
+        write("test", "geolora", suite.DEFAULT_VARIANT, first, seed, 0.85, 130_000)
+        write("test", "geolora", suite.DEFAULT_VARIANT, second, seed, 0.93, 130_000)
+        write("test", "geolora", "optimizer", first, seed, 0.99, 1)  # another variant: not a frontier point
+        write("test", "geolora", "optimizer", second, seed, 0.99, 1)
+        write("frontier", "lora", "r1", first, seed, 0.79, 41_472)
+        write("frontier", "lora", "r1", second, seed, 0.90, 41_472)
+        write("test", "adamss", "", first, seed, 0.83, 43_000)
+        write("test", "adamss", "", second, seed, 0.91, 43_000)
+        write("test", "lora", "", first, seed, 0.80, 331_776)
+        write("test", "lora", "", second, seed, 0.88, 331_776)
+    write("frontier", "lora", "r1", first, 2, 0.10, 41_472)  # seed 2 lacks the second task: left out
+
+    points = {p.name: p for p in suite.frontier_points(tmp_path)}
+    assert set(points) == {"geolora budget41472", "geolora tau", "lora r1", "adamss asa50", "lora r8"}
+    assert points["geolora budget41472"].by_seed == {0: pytest.approx(0.85), 1: pytest.approx(0.86)}
+    assert set(points["lora r1"].by_seed) == {0, 1} and points["lora r1"].score == pytest.approx(0.845)
+    verdicts = {
+        peer.name: (winner and winner.name, best and best.name)
+        for peer, winner, best in suite.dominance(list(points.values()))
+    }
+    assert verdicts == {
+        "lora r1": ("geolora budget41472", "geolora budget41472"),
+        "adamss asa50": (None, "geolora budget41472"),  # 0.855 < 0.87 at 43 k; the tau point is too large
+        "lora r8": ("geolora budget41472", "geolora tau"),  # the smallest winner, and the best within its size
+    }
+    report = "\n".join(suite.frontier_markdown(tmp_path))
+    assert "adamss asa50 (0.8700, 43,000): **not dominated**" in report
+    assert suite.frontier_plot(tmp_path, tmp_path / "frontier.png").is_file()
+
+
 def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_path) -> None:
     """The habit phase: GeoLoRA with lora_alpha read as a fixed scale, as LoRA's fixed alpha / r, and as the package
     reads it (alpha 16 with r = 8 is "auto": its lr-grid runs), at each alpha and LoRA lr on the lr tasks, and LoRA
