@@ -319,37 +319,39 @@ def lean_runs(lr: float) -> Iterator[Run]:
 # The size-score frontier: every method at several sizes on the test protocol (each at the suite's chosen lr), as runs
 # of the "frontier" phase; the suite's own test runs are each method's point at its suite size (LoRA r=8, AdaLoRA
 # target 8, AdaMSS 50 subspaces, GeoLoRA's default tau rule). LoRA at r = 1, 2, 4 with alpha = 2r (as the suite's
-# r=8); AdaLoRA at target_r 2 and 4 with init_r 1.5x the target; AdaMSS with 25 and 100 subspaces kept by its ASA
-# pruning; GeoLoRA's defaults under a global parameter budget (budget_unit="params") of exactly LoRA r = 1, 2, 4's
+# r=8); AdaLoRA at target_r 2 and 4 with init_r 1.5x the target; AdaMSS with 25 subspaces kept by its ASA pruning (half
+# the suite's 50); GeoLoRA's defaults under a global parameter budget (budget_unit="params") of LoRA r = 1/2, 1, 2, 4's
 # sizes on these layers, so that each peer point has a GeoLoRA point of at most its size to be compared with.
 FRONTIER_TASKS = ("rt_polarity", "trec6")
 LORA_PARAMS_PER_RANK = 41_472  # sum over the suite's 36 MiniLM layers of (in + out): LoRA r=8 keeps 331,776
 FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
     "lora": {f"r{r}": (f"lora.r={r}", f"lora.lora_alpha={2 * r}") for r in (1, 2, 4)},
     "adalora": {f"r{r}": (f"adalora.target_r={r}", f"adalora.init_r={3 * r // 2}") for r in (2, 4)},
-    "adamss": {f"asa{k}": (f"adamss.asa_target_subspaces={k}",) for k in (25, 100)},
+    "adamss": {"asa25": ("adamss.asa_target_subspaces=25",)},
     "geolora": {
-        f"budget{r * LORA_PARAMS_PER_RANK}": (
+        f"budget{int(r * LORA_PARAMS_PER_RANK)}": (
             *GEOLORA_DEFAULTS,
             "geolora.budget_unit=params",
-            f"geolora.budget={r * LORA_PARAMS_PER_RANK}",
+            f"geolora.budget={int(r * LORA_PARAMS_PER_RANK)}",
         )
-        for r in (1, 2, 4)
+        for r in (0.5, 1, 2, 4)
     },
 }
 
 
 def frontier_runs(results: Path) -> Iterator[Run]:
-    """The frontier phase's runs, seed-major (a partial frontier compares every size at the first seeds)."""
+    """The frontier phase's runs: the peers' first, GeoLoRA's last (its points belong to the final default), each
+    seed-major (a partial frontier compares every size at the first seeds)."""
     lrs = chosen_lrs(results)
-    for seed in SEEDS:
-        for task in FRONTIER_TASKS:
-            for method, sizes in FRONTIER.items():
-                if method not in lrs:
-                    print(f"frontier phase: no lr chosen yet for {method} (run --phase lr first)", flush=True)
-                    continue
-                for variant, overrides in sizes.items():
-                    yield Run("frontier", task, method, lrs[method], seed, variant, overrides)
+    for methods in ([m for m in FRONTIER if m != "geolora"], ["geolora"]):
+        for seed in SEEDS:
+            for task in FRONTIER_TASKS:
+                for method in methods:
+                    if method not in lrs:
+                        print(f"frontier phase: no lr chosen yet for {method} (run --phase lr first)", flush=True)
+                        continue
+                    for variant, overrides in FRONTIER[method].items():
+                        yield Run("frontier", task, method, lrs[method], seed, variant, overrides)
 
 
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
