@@ -168,6 +168,57 @@ def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, t
 
 
 @pytest.mark.parametrize("loop", ["accelerate", "trainer"])
+def test_bf16_mixed_precision_trains_fp32_factors_on_both_loops(loop: str, tiny_deberta: Path, tmp_path: Path) -> None:
+    """``mixed_precision=bf16`` (the suite's MPNet runs): the forward runs under bf16 autocast on either loop, the
+    factors stay fp32 and orthonormal, and the saved adapter is fp32 and finite."""
+    from safetensors.torch import load_file
+
+    from peft_geolora import GeoLoraLayer
+
+    seen: list[torch.dtype] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: (
+            seen.append(output.dtype)
+            if isinstance(module, GeoLoraLayer) and isinstance(output, torch.Tensor)
+            else None
+        )
+    )
+    try:
+        results = run_glue.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "glue" / "rte.yaml"),
+                "--model_name_or_path",
+                str(tiny_deberta),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--train_file",
+                _write(tmp_path / "train.tsv", _rows("rte", 24, 0), "tsv"),
+                "--validation_file",
+                _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
+                *(["--trainer"] if loop == "trainer" else []),
+                "--set",
+                "max_steps=6",
+                "batch_size=4",
+                "max_length=32",
+                "warmup=1",
+                "geolora.cycle_length=1",
+                "mixed_precision=bf16",
+            ]
+        )
+    finally:
+        hook.remove()
+    assert results["loop"] == loop and results["steps"] == 6 and results["ranks"]
+    assert torch.bfloat16 in seen  # the adapted layers ran under autocast
+    saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    factors = {n: t for n, t in saved.items() if any(f"geolora_{x}" in n for x in "USV")}
+    assert factors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in factors.values())
+    for name, U in factors.items():
+        if "geolora_U" in name:
+            assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["accelerate", "trainer"])
 def test_every_logged_rank_is_the_kept_adapters(loop: str, tiny_deberta: Path, tmp_path: Path) -> None:
     """results.json's log (the progress bar's values, or the Trainer's logs) gives the kept adapters' total rank and
     parameters at every logged step, also inside an open rank cycle (the default cycle of 4 steps)."""

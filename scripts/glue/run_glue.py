@@ -380,6 +380,8 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
         report_to=[],
         seed=config["seed"],
         use_cpu=not torch.cuda.is_available(),
+        bf16=config.get("mixed_precision", "no") == "bf16",  # the accelerate loop's setting, in the Trainer's terms
+        fp16=config.get("mixed_precision", "no") == "fp16",
     )
     callbacks = [callback] if config["method"] not in ("lora", "full") else []
     trainer = Trainer(
