@@ -71,6 +71,9 @@ MODELS = {
 }
 REPORT_DOC = ROOT / "docs" / "research.md"
 REPORT_BEGIN, REPORT_END = "<!-- suite report: begin (benchmarks/suite.py --report) -->", "<!-- suite report: end -->"
+README = ROOT / "README.md"
+FRONTIER_BEGIN = "<!-- frontier: begin (benchmarks/suite.py --report) -->"
+FRONTIER_END = "<!-- frontier: end -->"
 BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")
 ADAPTER_METHODS = METHODS[:4]
@@ -1066,17 +1069,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         frontier_plot(results, results / "frontier.png")
         if results.resolve() == RESULTS.resolve():
             update_report_doc(report)
+            frontier = frontier_markdown(results)
+            if frontier:
+                image = "![size-score frontier](benchmarks/results/suite/frontier.png)"
+                replace_block(README, FRONTIER_BEGIN, FRONTIER_END, "\n".join([*frontier, image]))
         print(report)
+
+
+def replace_block(path: Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` in ``path`` with ``text``."""
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise SystemExit(f"{path} has no block {begin} ... {end}.")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def update_report_doc(report: str) -> None:
     """Replace the block between the suite markers in docs/research.md with the report."""
-    text = REPORT_DOC.read_text()
-    if REPORT_BEGIN not in text or REPORT_END not in text:
-        raise SystemExit(f"{REPORT_DOC} has no suite block ({REPORT_BEGIN} ... {REPORT_END}).")
-    head, rest = text.split(REPORT_BEGIN, 1)
-    _, tail = rest.split(REPORT_END, 1)
-    REPORT_DOC.write_text(f"{head}{REPORT_BEGIN}\n{report}\n{REPORT_END}{tail}")
+    replace_block(REPORT_DOC, REPORT_BEGIN, REPORT_END, report)
 
 
 if __name__ == "__main__":
