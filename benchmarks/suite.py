@@ -814,6 +814,7 @@ class Point:
     by_seed: dict[int, float]
     params: float
     tasks: dict[str, float]
+    ranks: list[dict[str, int]] = field(default_factory=list)  # GeoLoRA: each run's kept rank per layer
 
     @property
     def name(self) -> str:
@@ -852,6 +853,7 @@ def frontier_points(results: Path) -> list[Point]:
                 {seed: statistics.mean(scores[(seed, t)] for t in FRONTIER_TASKS) for seed in seeds},
                 statistics.mean(r["adapter_params_end"] for r in kept),
                 {t: statistics.mean(scores[(seed, t)] for seed in seeds) for t in FRONTIER_TASKS},
+                [r["ranks"] for r in kept if r.get("ranks")],
             )
         )
     return sorted(points, key=lambda p: (ADAPTER_METHODS.index(p.method), p.params))
@@ -919,6 +921,58 @@ def frontier_markdown(results: Path) -> list[str]:
         else:
             verdict = "**not dominated**: no GeoLoRA point is that small"
         lines.append(f"* {peer.name} ({peer.score:.4f}, {peer.params:,.0f}): {verdict}")
+    return [*lines, "", *spread_markdown(points)]
+
+
+# a layer's kind from its module name's ending (BERT's names; MPNet's attn.q/k/v/o, intermediate, output likewise)
+LAYER_KINDS = {
+    "query": ("query", "attn.q"),
+    "key": ("key", "attn.k"),
+    "value": ("value", "attn.v"),
+    "attn out": ("attention.output.dense", "attn.o"),
+    "ffn in": ("intermediate.dense",),
+    "ffn out": ("output.dense",),
+}
+
+
+def layer_kind(name: str) -> str:
+    """query / key / value / attn out / ffn in / ffn out (the attention output's name ends like the FFN's)."""
+    for kind, endings in LAYER_KINDS.items():
+        if any(name.endswith(e) for e in endings):
+            return kind
+    raise ValueError(f"unknown layer kind: {name}")
+
+
+def spread_markdown(points: list[Point]) -> list[str]:
+    """Where each GeoLoRA point's parameters went: the mean kept rank per layer kind and per depth (over layers and
+    runs), and how many of the layers end at rank 1 or less."""
+    ours = [p for p in points if p.method == "geolora" and p.ranks]
+    if not ours:
+        return []
+    depths = sorted({int(n.split(".layer.")[1].split(".")[0]) for n in ours[0].ranks[0]})
+    header = (
+        "| GeoLoRA point | "
+        + " | ".join(LAYER_KINDS)
+        + " | "
+        + " | ".join(f"layer {d}" for d in depths)
+        + " | rank ≤ 1 |"
+    )
+    lines = [
+        (
+            "How GeoLoRA's points spread their parameters (mean kept rank per layer kind and per depth, over layers "
+            "and runs; the share of layers left at rank 1 or less):"
+        ),
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    for p in ours:
+        ranks = [(n, r) for run in p.ranks for n, r in run.items()]
+        kinds = [statistics.mean(r for n, r in ranks if layer_kind(n) == kind) for kind in LAYER_KINDS]
+        by_depth = [statistics.mean(r for n, r in ranks if f".layer.{d}." in n) for d in depths]
+        low = sum(r <= 1 for _, r in ranks) / len(ranks)
+        cells = " | ".join(f"{v:.1f}" for v in [*kinds, *by_depth])
+        lines.append(f"| {p.size} ({p.params:,.0f}) | {cells} | {low:.0%} |")
     return [*lines, ""]
 
 
