@@ -7,6 +7,7 @@
     python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
     python benchmarks/suite.py --phase lean        # the default at smaller storage (max_rank 8, 6, 4; cycle_length 0)
     python benchmarks/suite.py --phase frontier    # every method at several sizes (the size-score frontier)
+    python benchmarks/suite.py --phase frontier_lr # each of those sizes at the neighbouring lrs (re-selection)
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -346,9 +347,32 @@ FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+def neighbour_lrs(method: str, lr: float) -> tuple[float, ...]:
+    """The learning rates next to ``lr`` on the method's grid, the larger first."""
+    grid = LR_GRID[method]
+    i = grid.index(lr)
+    return tuple(grid[j] for j in (i + 1, i - 1) if 0 <= j < len(grid))
+
+
+def size_lr(method: str, variant: str, suite_lr: float, results: Path) -> float:
+    """A frontier size's learning rate, re-selected on validation: the best mean validation score over LR_TASKS
+    (seed 0) among the suite's lr (the size's frontier run) and its two neighbours on the grid (the frontier_lr
+    phase), once all of them are measured; the suite's lr until then."""
+    if suite_lr not in LR_GRID[method]:
+        return suite_lr
+    by_lr = {}
+    for lr in (suite_lr, *neighbour_lrs(method, suite_lr)):
+        phase = "frontier" if lr == suite_lr else "frontier_lr"
+        paths = [Run(phase, task, method, lr, 0, variant).path(results) for task in LR_TASKS]
+        if not all(path.is_file() for path in paths):
+            return suite_lr
+        by_lr[lr] = statistics.mean(json.loads(path.read_text())["primary"]["validation"] for path in paths)
+    return max(by_lr, key=by_lr.get)
+
+
 def frontier_runs(results: Path) -> Iterator[Run]:
     """The frontier phase's runs: the peers' first, GeoLoRA's last (its points belong to the final default), each
-    seed-major (a partial frontier compares every size at the first seeds)."""
+    seed-major (a partial frontier compares every size at the first seeds), each size at :func:`size_lr`."""
     lrs = chosen_lrs(results)
     for methods in ([m for m in FRONTIER if m != "geolora"], ["geolora"]):
         for seed in SEEDS:
@@ -358,7 +382,22 @@ def frontier_runs(results: Path) -> Iterator[Run]:
                         print(f"frontier phase: no lr chosen yet for {method} (run --phase lr first)", flush=True)
                         continue
                     for variant, overrides in FRONTIER[method].items():
-                        yield Run("frontier", task, method, lrs[method], seed, variant, overrides)
+                        lr = size_lr(method, variant, lrs[method], results)
+                        yield Run("frontier", task, method, lr, seed, variant, overrides)
+
+
+def frontier_lr_runs(results: Path) -> Iterator[Run]:
+    """The frontier_lr phase: every frontier size at the grid's neighbours of its method's suite lr (seed 0, scored
+    on validation; small LoRA ranks often want a larger rate), the larger lr first."""
+    lrs = chosen_lrs(results)
+    for index in (0, 1):
+        for method, sizes in FRONTIER.items():
+            if method not in lrs or index >= len(neighbour_lrs(method, lrs[method])):
+                continue
+            for variant, overrides in sizes.items():
+                for task in LR_TASKS:
+                    lr = neighbour_lrs(method, lrs[method])[index]
+                    yield Run("frontier_lr", task, method, lr, 0, variant, overrides)
 
 
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
@@ -501,6 +540,8 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
         yield from lean_runs(lr)
     elif phase == "frontier":
         yield from frontier_runs(results)
+    elif phase == "frontier_lr":
+        yield from frontier_lr_runs(results)
     elif phase == "ablation":
         for variant, overrides in RUNNABLE.items():
             for task in LR_TASKS:
@@ -815,6 +856,7 @@ class Point:
     params: float
     tasks: dict[str, float]
     ranks: list[dict[str, int]] = field(default_factory=list)  # GeoLoRA: each run's kept rank per layer
+    lr: float = 0.0
 
     @property
     def name(self) -> str:
@@ -832,8 +874,10 @@ class Point:
 def frontier_points(results: Path) -> list[Point]:
     """Every method's frontier points: the frontier phase's runs and the suite's test runs at the suite sizes."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    lrs = chosen_lrs(results)
     for r in load(results, "frontier"):
-        runs[(r["method"], r["variant"])].append(r)
+        if r["lr"] == size_lr(r["method"], r["variant"], lrs.get(r["method"], r["lr"]), results):
+            runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
         if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:
             if r["method"] == "geolora" and r["variant"] != DEFAULT_VARIANT:
@@ -854,6 +898,7 @@ def frontier_points(results: Path) -> list[Point]:
                 statistics.mean(r["adapter_params_end"] for r in kept),
                 {t: statistics.mean(scores[(seed, t)] for seed in seeds) for t in FRONTIER_TASKS},
                 [r["ranks"] for r in kept if r.get("ranks")],
+                kept[0]["lr"],
             )
         )
     return sorted(points, key=lambda p: (ADAPTER_METHODS.index(p.method), p.params))
@@ -891,16 +936,18 @@ def frontier_markdown(results: Path) -> list[str]:
         (
             f"**Size-score frontier** ({' and '.join(FRONTIER_TASKS)}, test split; the mean over the tasks, then over "
             "the seeds with every task done, ± its sd over seeds; adapter parameters at the end; each method at the "
-            "suite's lr; `python benchmarks/suite.py --phase frontier`):"
+            "suite's lr, or a size's own where a neighbour on the grid scored higher on validation, `--phase "
+            "frontier_lr`; `python benchmarks/suite.py --phase frontier`):"
         ),
         "",
     ]
-    header = "| method | size setting | " + " | ".join(FRONTIER_TASKS) + " | mean ± sd (seeds) | adapter params |"
+    header = "| method | size setting | lr | " + " | ".join(FRONTIER_TASKS) + " | mean ± sd (seeds) | adapter params |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for p in points:
         cells = " | ".join(f"{p.tasks[t]:.4f}" for t in FRONTIER_TASKS)
         lines.append(
-            f"| {p.method} | {p.size} | {cells} | {p.score:.4f} ± {p.sd:.4f} ({len(p.by_seed)}) | {p.params:,.0f} |"
+            f"| {p.method} | {p.size} | {p.lr:g} | {cells} | {p.score:.4f} ± {p.sd:.4f} ({len(p.by_seed)}) "
+            f"| {p.params:,.0f} |"
         )
     lines += [
         "",
@@ -1088,7 +1135,7 @@ def plot(results: Path, path: Path) -> Optional[Path]:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "frontier", "all"]
+        "--phase", choices=["lr", "test", "init_rank", "ablation", "habits", "lean", "frontier", "frontier_lr", "all"]
     )
     parser.add_argument("--report", action="store_true", help="write suite.md and suite.png from the JSON files")
     parser.add_argument("--smoke", action="store_true", help="one-layer model, a few steps (CI)")

@@ -176,6 +176,31 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
     assert suite.frontier_plot(tmp_path, tmp_path / "frontier.png").is_file()
 
 
+def test_a_frontier_size_takes_a_neighbouring_lr_only_when_both_neighbours_are_measured_and_one_wins(tmp_path) -> None:
+    """size_lr: the suite's lr until the grid's two neighbours are measured on validation (seed 0, LR_TASKS); then the
+    best of the three; the frontier's runs and points follow it."""
+    import suite
+
+    grid = suite.LR_GRID["lora"]
+    suite_lr = grid[1]
+
+    def write(phase: str, lr: float, score: float) -> None:
+        for task in suite.LR_TASKS:
+            run = suite.Run(phase, task, "lora", lr, 0, "r1")
+            run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+            run.path(tmp_path).write_text(json.dumps({"primary": {"validation": score}}))
+
+    assert suite.neighbour_lrs("lora", suite_lr) == (grid[2], grid[0])
+    assert suite.neighbour_lrs("geolora", suite.LR_GRID["geolora"][-1]) == (suite.LR_GRID["geolora"][-2],)
+    write("frontier", suite_lr, 0.80)
+    write("frontier_lr", grid[2], 0.85)
+    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr  # the smaller neighbour is not measured yet
+    write("frontier_lr", grid[0], 0.70)
+    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == grid[2]
+    write("frontier_lr", grid[2], 0.75)
+    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr
+
+
 def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_path) -> None:
     """The habit phase: GeoLoRA with lora_alpha read as a fixed scale, as LoRA's fixed alpha / r, and as the package
     reads it (alpha 16 with r = 8 is "auto": its lr-grid runs), at each alpha and LoRA lr on the lr tasks, and LoRA
