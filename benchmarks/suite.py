@@ -250,6 +250,14 @@ GEOLORA_DEFAULTS = RUNNABLE[DEFAULT_VARIANT]
 # GeoLoRA runs are its runs.
 STEP_VARIANT = "optimizer_mean_growth0.1_tau0.5_auto_rel1"
 STEP_DEFAULTS = RUNNABLE[STEP_VARIANT]
+# The width question (MPNet): the defaults with twice their step, lora_alpha 32 with r = 8 read as the package reads it
+# (s = 2 x 5e-3 / lr). Under Adam S's entries move by about s * lr per step whatever the layer's width, while LoRA's
+# B and A move every entry by about lr, so LoRA's step in ΔW grows with the width and GeoLoRA's does not.
+WIDTH_VARIANT = f"{DEFAULT_VARIANT}_alpha32"
+RUNNABLE[WIDTH_VARIANT] = (
+    *(o for o in GEOLORA_DEFAULTS if not o.startswith("geolora.lora_alpha=")),
+    "geolora.lora_alpha=32",
+)
 # variants whose final size over initial ranks is measured (each at its own best lr): the default's, the previous
 # defaults' (tau 0.4; "auto" without the relative step; scale 1; growth_tol 0.2, tau 0.3), those that aim at the spread,
 # the coefficient rule (one second moment per adapter instead of one per entry: S's step then follows the gradient's
@@ -824,7 +832,7 @@ def markdown(results: Path) -> str:
             f"{variant}{' (default step)' if variant == STEP_VARIANT else ''}": [
                 r for r in ablation if r["variant"] == variant
             ]
-            for variant in ABLATION
+            for variant in (*ABLATION, WIDTH_VARIANT)
             if any(r["variant"] == variant for r in ablation)  # variants measured elsewhere only (trajectories)
         }
         for rule, records in rows.items():
