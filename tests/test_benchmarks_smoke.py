@@ -176,6 +176,20 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
     assert suite.frontier_plot(tmp_path, tmp_path / "frontier.png").is_file()
 
 
+def test_every_frontier_budget_covers_geolora_s_floor_and_meets_a_lora_size() -> None:
+    """GeoLoRA keeps every layer at rank >= 1, so on the suite's 36 MiniLM layers it cannot be smaller than
+    sum (m + n + 1) = 41,508 parameters: the allocator refuses a smaller budget at the start of a run (as it refused
+    LoRA r = 1's 41,472). Each budget is within the 5 % tolerance of a LoRA point, so every LoRA size has a GeoLoRA
+    point to be compared with."""
+    import suite
+
+    floor = suite.LORA_PARAMS_PER_RANK + 36
+    lora_sizes = [int(v.removeprefix("r")) * suite.LORA_PARAMS_PER_RANK for v in suite.FRONTIER["lora"]]
+    assert min(suite.GEOLORA_BUDGETS) >= floor
+    for size in lora_sizes:
+        assert any(size <= b <= (1 + suite.SIZE_TOLERANCE) * size for b in suite.GEOLORA_BUDGETS)
+
+
 def test_a_frontier_size_takes_a_neighbouring_lr_only_when_both_neighbours_are_measured_and_one_wins(tmp_path) -> None:
     """size_lr: the suite's lr until the grid's two neighbours are measured on validation (seed 0, LR_TASKS); then the
     best of the three; the frontier's runs and points follow it."""
