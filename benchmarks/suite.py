@@ -7,7 +7,7 @@
     python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
     python benchmarks/suite.py --phase lean        # the default at smaller storage (max_rank 8, 6, 4; cycle_length 0)
     python benchmarks/suite.py --phase frontier    # every method at several sizes (the size-score frontier)
-    python benchmarks/suite.py --phase frontier_lr # each of those sizes at the neighbouring lrs (re-selection)
+    python benchmarks/suite.py --phase frontier_lr # each of those sizes at the next larger lr (re-selection)
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -358,22 +358,24 @@ FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def neighbour_lrs(method: str, lr: float) -> tuple[float, ...]:
-    """The learning rates next to ``lr`` on the method's grid, the larger first."""
+def larger_lr(method: str, lr: float) -> Optional[float]:
+    """The next larger learning rate on the method's grid (None at its top). A smaller adapter of the same method
+    takes a smaller step in ΔW at the same rate (LoRA's B A sums r rank-one moves), so the sizes below the suite's are
+    re-selected between the suite's rate and this one."""
     grid = LR_GRID[method]
     i = grid.index(lr)
-    return tuple(grid[j] for j in (i + 1, i - 1) if 0 <= j < len(grid))
+    return grid[i + 1] if i + 1 < len(grid) else None
 
 
 def size_lr(method: str, variant: str, suite_lr: float, results: Path) -> float:
-    """A frontier size's learning rate, re-selected on validation: the best mean validation score over LR_TASKS
-    (seed 0) among the suite's lr (the size's frontier run) and its two neighbours on the grid (the frontier_lr
-    phase), once all of them are measured; the suite's lr until then."""
-    if suite_lr not in LR_GRID[method]:
+    """A frontier size's learning rate, re-selected on validation: the better mean validation score over LR_TASKS
+    (seed 0) of the suite's lr (the size's frontier run) and the next larger rate on the grid (its frontier_lr run),
+    once both are measured; the suite's lr until then."""
+    larger = larger_lr(method, suite_lr) if suite_lr in LR_GRID[method] else None
+    if larger is None:
         return suite_lr
     by_lr = {}
-    for lr in (suite_lr, *neighbour_lrs(method, suite_lr)):
-        phase = "frontier" if lr == suite_lr else "frontier_lr"
+    for lr, phase in ((suite_lr, "frontier"), (larger, "frontier_lr")):
         paths = [Run(phase, task, method, lr, 0, variant).path(results) for task in LR_TASKS]
         if not all(path.is_file() for path in paths):
             return suite_lr
@@ -393,21 +395,22 @@ def frontier_runs(results: Path) -> Iterator[Run]:
                     continue
                 for variant, overrides in sizes.items():
                     lr = size_lr(method, variant, lrs[method], results)
+                    if lr != lrs[method] and seed == 0:
+                        continue  # the size's frontier_lr run (seed 0, the same run)
                     yield Run("frontier", task, method, lr, seed, variant, overrides)
 
 
 def frontier_lr_runs(results: Path) -> Iterator[Run]:
-    """The frontier_lr phase: every frontier size at the grid's neighbours of its method's suite lr (seed 0, scored
-    on validation; small LoRA ranks often want a larger rate), the larger lr first."""
+    """The frontier_lr phase: every frontier size at the next larger grid rate than its method's suite lr (seed 0,
+    scored on validation and test; :func:`size_lr` chooses with it)."""
     lrs = chosen_lrs(results)
-    for index in (0, 1):
-        for method, sizes in FRONTIER.items():
-            if method not in lrs or index >= len(neighbour_lrs(method, lrs[method])):
-                continue
-            for variant, overrides in sizes.items():
-                for task in LR_TASKS:
-                    lr = neighbour_lrs(method, lrs[method])[index]
-                    yield Run("frontier_lr", task, method, lr, 0, variant, overrides)
+    for method, sizes in FRONTIER.items():
+        larger = larger_lr(method, lrs[method]) if method in lrs else None
+        if larger is None:
+            continue
+        for variant, overrides in sizes.items():
+            for task in LR_TASKS:
+                yield Run("frontier_lr", task, method, larger, 0, variant, overrides)
 
 
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
@@ -884,7 +887,7 @@ def frontier_points(results: Path) -> list[Point]:
     """Every method's frontier points: the frontier phase's runs and the suite's test runs at the suite sizes."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     lrs = chosen_lrs(results)
-    for r in load(results, "frontier"):
+    for r in load(results, "frontier") + [r for r in load(results, "frontier_lr") if r["seed"] == 0]:
         if r["lr"] == size_lr(r["method"], r["variant"], lrs.get(r["method"], r["lr"]), results):
             runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
@@ -945,7 +948,7 @@ def frontier_markdown(results: Path) -> list[str]:
         (
             f"**Size-score frontier** ({' and '.join(FRONTIER_TASKS)}, test split; the mean over the tasks, then over "
             "the seeds with every task done, ± its sd over seeds; adapter parameters at the end; each method at the "
-            "suite's lr, or a size's own where a neighbour on the grid scored higher on validation, `--phase "
+            "suite's lr, or a size's own where the next larger rate scored higher on validation, `--phase "
             "frontier_lr`; `python benchmarks/suite.py --phase frontier`):"
         ),
         "",

@@ -190,27 +190,30 @@ def test_every_frontier_budget_covers_geolora_s_floor_and_meets_a_lora_size() ->
         assert any(size <= b <= (1 + suite.SIZE_TOLERANCE) * size for b in suite.GEOLORA_BUDGETS)
 
 
-def test_a_frontier_size_takes_a_neighbouring_lr_only_when_both_neighbours_are_measured_and_one_wins(tmp_path) -> None:
-    """size_lr: the suite's lr until the grid's two neighbours are measured on validation (seed 0, LR_TASKS); then the
-    best of the three; the frontier's runs and points follow it."""
+def test_a_frontier_size_takes_the_larger_lr_only_once_both_are_measured_and_it_wins(tmp_path) -> None:
+    """size_lr: the suite's lr until the next larger grid rate is measured on validation (seed 0, LR_TASKS); then the
+    better of the two. The frontier's seed 0 at a switched rate is that frontier_lr run, and its point uses it."""
     import suite
 
     grid = suite.LR_GRID["lora"]
     suite_lr = grid[1]
 
-    def write(phase: str, lr: float, score: float) -> None:
-        for task in suite.LR_TASKS:
+    def write(phase: str, lr: float, score: float, tasks=suite.LR_TASKS) -> None:
+        for task in tasks:
             run = suite.Run(phase, task, "lora", lr, 0, "r1")
             run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
-            run.path(tmp_path).write_text(json.dumps({"primary": {"validation": score}}))
+            record = {**_record(task, "lora", lr, score, 0, "test"), "variant": "r1", "adapter_params_end": 41_472}
+            record["primary"]["validation"] = score
+            run.path(tmp_path).write_text(json.dumps(record))
 
-    assert suite.neighbour_lrs("lora", suite_lr) == (grid[2], grid[0])
-    assert suite.neighbour_lrs("geolora", suite.LR_GRID["geolora"][-1]) == (suite.LR_GRID["geolora"][-2],)
+    assert suite.larger_lr("lora", suite_lr) == grid[2] and suite.larger_lr("geolora", grid[-1]) is None
     write("frontier", suite_lr, 0.80)
+    write("frontier_lr", grid[2], 0.85, suite.LR_TASKS[:1])
+    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr  # the larger rate is not measured on every task
     write("frontier_lr", grid[2], 0.85)
-    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr  # the smaller neighbour is not measured yet
-    write("frontier_lr", grid[0], 0.70)
     assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == grid[2]
+    points = {p.name: p for p in suite.frontier_points(tmp_path)}
+    assert points["lora r1"].lr == grid[2] and points["lora r1"].score == pytest.approx(0.85)
     write("frontier_lr", grid[2], 0.75)
     assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr
 
