@@ -916,12 +916,12 @@ def frontier_points(results: Path) -> list[Point]:
     return sorted(points, key=lambda p: (ADAPTER_METHODS.index(p.method), p.params))
 
 
-def _on_common_seeds(ours: Point, peer: Point) -> tuple[float, float]:
-    """Both points' mean score over the seeds both have (over the peer's seeds where they share none)."""
+def _on_common_seeds(ours: Point, peer: Point) -> tuple[float, float, list[int]]:
+    """Both points' mean score over the seeds both have (over the peer's seeds where they share none), and those
+    seeds."""
     common = sorted(set(ours.by_seed) & set(peer.by_seed)) or sorted(peer.by_seed)
-    return statistics.mean(ours.by_seed.get(s, ours.score) for s in common), statistics.mean(
-        peer.by_seed[s] for s in common
-    )
+    mine = statistics.mean(ours.by_seed.get(s, ours.score) for s in common)
+    return mine, statistics.mean(peer.by_seed[s] for s in common), common
 
 
 def dominance(points: list[Point]) -> list[tuple[Point, Optional[Point], Optional[Point]]]:
@@ -936,6 +936,12 @@ def dominance(points: list[Point]) -> list[tuple[Point, Optional[Point], Optiona
         best = max(small, key=lambda g: _on_common_seeds(g, peer)[0], default=None)
         out.append((peer, min(winners, key=lambda g: g.params, default=None), best))
     return out
+
+
+def _versus(ours: Point, peer: Point) -> str:
+    """``0.8700 against 0.8665 on seeds 0, 1``: the comparison the verdict rests on."""
+    mine, theirs, seeds = _on_common_seeds(ours, peer)
+    return f"{mine:.4f} against {theirs:.4f} on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def frontier_markdown(results: Path) -> list[str]:
@@ -971,11 +977,11 @@ def frontier_markdown(results: Path) -> list[str]:
     ]
     for peer, winner, best in dominance(points):
         if winner is not None:
-            verdict = f"dominated by geolora {winner.size} ({winner.score:.4f}, {winner.params:,.0f})"
+            verdict = f"dominated by geolora {winner.size} ({winner.params:,.0f}; {_versus(winner, peer)})"
         elif best is not None:
             verdict = (
                 f"**not dominated**: the best GeoLoRA point of at most its size is {best.size} "
-                f"({best.score:.4f}, {best.params:,.0f})"
+                f"({best.params:,.0f}; {_versus(best, peer)})"
             )
         else:
             verdict = "**not dominated**: no GeoLoRA point is that small"
