@@ -172,7 +172,10 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
         "lora r8": ("geolora budget41472", "geolora tau"),  # the smallest winner, and the best within its size
     }
     report = "\n".join(suite.frontier_markdown(tmp_path))
-    assert "adamss asa50 (0.8700, 43,000): **not dominated**" in report and "0.8550 against 0.8700 on seeds 0, 1" in report
+    assert (
+        "adamss asa50 (0.8700, 43,000): **not dominated**" in report
+        and "0.8550 against 0.8700 on seeds 0, 1" in report
+    )
     assert suite.frontier_plot(tmp_path, tmp_path / "frontier.png").is_file()
 
 
