@@ -136,9 +136,10 @@ def test_every_glue_format_and_metric(task, fmt, metric_names, tiny_deberta: Pat
     )
 
 
-@pytest.mark.parametrize("method", ["geolora", "lora", "adalora"])
-def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, tmp_path: Path) -> None:
-    results = run_glue.main(
+def _run_rte(tiny_deberta: Path, tmp_path: Path, flags: list[str], settings: list[str], train_rows: int = 24) -> dict:
+    """run_glue on a tiny RTE (``train_rows`` training pairs, 10 validation pairs) with ``flags`` before ``--set`` and
+    the short-run settings (batch 4, length 32, one warm-up step) plus ``settings`` after it."""
+    return run_glue.main(
         [
             "--config",
             str(ROOT / "configs" / "glue" / "rte.yaml"),
@@ -147,19 +148,23 @@ def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, t
             "--output_dir",
             str(tmp_path / "out"),
             "--train_file",
-            _write(tmp_path / "train.tsv", _rows("rte", 24, 0), "tsv"),
+            _write(tmp_path / "train.tsv", _rows("rte", train_rows, 0), "tsv"),
             "--validation_file",
             _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
-            "--trainer",
-            "--method",
-            method,
+            *flags,
             "--set",
-            "max_steps=6",
             "batch_size=4",
             "max_length=32",
             "warmup=1",
-            "geolora.cycle_length=1",
+            *settings,
         ]
+    )
+
+
+@pytest.mark.parametrize("method", ["geolora", "lora", "adalora"])
+def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, tmp_path: Path) -> None:
+    results = _run_rte(
+        tiny_deberta, tmp_path, ["--trainer", "--method", method], ["max_steps=6", "geolora.cycle_length=1"]
     )
     assert results["loop"] == "trainer" and results["steps"] == 6
     assert set(results["metrics"]["validation"]) == {"accuracy"}
@@ -171,10 +176,13 @@ def test_trainer_variant_through_the_callback(method: str, tiny_deberta: Path, t
 def test_bf16_mixed_precision_trains_fp32_factors_on_both_loops(loop: str, tiny_deberta: Path, tmp_path: Path) -> None:
     """``mixed_precision=bf16`` (the suite's MPNet runs): the forward runs under bf16 autocast on either loop, the
     factors stay fp32 and orthonormal, and the saved adapter is fp32 and finite."""
+    from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
     from peft_geolora import GeoLoraLayer
 
+    # accelerate keeps one precision per process: the tests before this one in the same worker set "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
     seen: list[torch.dtype] = []
     hook = torch.nn.modules.module.register_module_forward_hook(
         lambda module, args, output: (
@@ -184,30 +192,15 @@ def test_bf16_mixed_precision_trains_fp32_factors_on_both_loops(loop: str, tiny_
         )
     )
     try:
-        results = run_glue.main(
-            [
-                "--config",
-                str(ROOT / "configs" / "glue" / "rte.yaml"),
-                "--model_name_or_path",
-                str(tiny_deberta),
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--train_file",
-                _write(tmp_path / "train.tsv", _rows("rte", 24, 0), "tsv"),
-                "--validation_file",
-                _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
-                *(["--trainer"] if loop == "trainer" else []),
-                "--set",
-                "max_steps=6",
-                "batch_size=4",
-                "max_length=32",
-                "warmup=1",
-                "geolora.cycle_length=1",
-                "mixed_precision=bf16",
-            ]
+        results = _run_rte(
+            tiny_deberta,
+            tmp_path,
+            ["--trainer"] if loop == "trainer" else [],
+            ["max_steps=6", "geolora.cycle_length=1", "mixed_precision=bf16"],
         )
     finally:
         hook.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next test's Accelerator starts afresh
     assert results["loop"] == loop and results["steps"] == 6 and results["ranks"]
     assert torch.bfloat16 in seen  # the adapted layers ran under autocast
     saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
@@ -222,28 +215,12 @@ def test_bf16_mixed_precision_trains_fp32_factors_on_both_loops(loop: str, tiny_
 def test_every_logged_rank_is_the_kept_adapters(loop: str, tiny_deberta: Path, tmp_path: Path) -> None:
     """results.json's log (the progress bar's values, or the Trainer's logs) gives the kept adapters' total rank and
     parameters at every logged step, also inside an open rank cycle (the default cycle of 4 steps)."""
-    results = run_glue.main(
-        [
-            "--config",
-            str(ROOT / "configs" / "glue" / "rte.yaml"),
-            "--model_name_or_path",
-            str(tiny_deberta),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--train_file",
-            _write(tmp_path / "train.tsv", _rows("rte", 48, 0), "tsv"),
-            "--validation_file",
-            _write(tmp_path / "dev.tsv", _rows("rte", 10, 1), "tsv"),
-            *(["--trainer"] if loop == "trainer" else []),
-            "--no_save",
-            "--set",
-            "max_steps=20",
-            "batch_size=4",
-            "max_length=32",
-            "warmup=1",
-            "lr=2e-2",
-            "geolora.tau=0.5",
-        ]
+    results = _run_rte(
+        tiny_deberta,
+        tmp_path,
+        [*(["--trainer"] if loop == "trainer" else []), "--no_save"],
+        ["max_steps=20", "lr=2e-2", "geolora.tau=0.5"],
+        train_rows=48,
     )
     history, initial = results["rank_history"], results["initial_ranks"]
     assert any(history.values()), "ranks never changed: the test would not test the logs"
