@@ -887,8 +887,13 @@ def frontier_points(results: Path) -> list[Point]:
     """Every method's frontier points: the frontier phase's runs and the suite's test runs at the suite sizes."""
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     lrs = chosen_lrs(results)
-    for r in load(results, "frontier") + [r for r in load(results, "frontier_lr") if r["seed"] == 0]:
-        if r["lr"] == size_lr(r["method"], r["variant"], lrs.get(r["method"], r["lr"]), results):
+    records = load(results, "frontier") + [r for r in load(results, "frontier_lr") if r["seed"] == 0]
+    chosen = {  # each size's lr, once (size_lr reads its seed-0 runs)
+        (r["method"], r["variant"]): size_lr(r["method"], r["variant"], lrs.get(r["method"], r["lr"]), results)
+        for r in records
+    }
+    for r in records:
+        if r["lr"] == chosen[(r["method"], r["variant"])]:
             runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
         if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:
@@ -930,10 +935,11 @@ def dominance(points: list[Point]) -> list[tuple[Point, Optional[Point], Optiona
     ours = [p for p in points if p.method == "geolora"]
     out = []
     for peer in (p for p in points if p.method != "geolora"):
-        small = [g for g in ours if g.params <= (1 + SIZE_TOLERANCE) * peer.params]
-
-        winners = [g for g in small if _on_common_seeds(g, peer)[0] >= _on_common_seeds(g, peer)[1]]
-        best = max(small, key=lambda g: _on_common_seeds(g, peer)[0], default=None)
+        small = {
+            g.name: (g, _on_common_seeds(g, peer)) for g in ours if g.params <= (1 + SIZE_TOLERANCE) * peer.params
+        }
+        winners = [g for g, (mine, theirs, _) in small.values() if mine >= theirs]
+        best = max(small.values(), key=lambda item: item[1][0], default=(None,))[0]
         out.append((peer, min(winners, key=lambda g: g.params, default=None), best))
     return out
 
