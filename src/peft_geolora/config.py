@@ -63,9 +63,9 @@ class GeoLoraConfig(PeftConfig):
     max_rank: int = field(
         default=8,
         metadata={
-            "help": "Largest rank a layer keeps after truncation. Storage capacity is min(in, out, 2 * max_rank) "
-            "so that augmentation from max_rank fits (min(in, out, max_rank) with cycle_length=0, whose augmented "
-            "adapters never outlive the allocator's step).",
+            "help": "Largest rank a layer keeps after truncation, and the adapter's storage: min(in, out, max_rank) "
+            "columns, into whose free columns an augmentation adds its new directions (2 * max_rank with "
+            "step_rule='coefficient').",
             "allocator": True,
         },
     )
@@ -226,12 +226,12 @@ class GeoLoraConfig(PeftConfig):
 
     def storage_columns(self) -> int:
         """Columns each adapter reserves for ``U``, ``V`` (and rows and columns of ``S``), before the layer's own
-        bound ``min(in, out)``: ``2 · max_rank`` when a cycle trains ``S`` on the augmented basis for some steps (the
-        augmented adapter lives in the parameters between steps), ``max_rank`` with ``cycle_length=0`` under the
-        default step rule, where every step augments and truncates at once and the augmented adapter lives only in
-        the allocator's temporaries.
+        bound ``min(in, out)``: ``max_rank`` under the default step rule. A cycle augments an adapter of rank r into
+        the storage's free columns (``min(r, max_rank − r)`` new directions); with ``cycle_length=0`` the augmented
+        adapter (up to ``2 · max_rank`` columns) lives only in the allocator's temporaries. ``2 · max_rank`` with
+        ``step_rule="coefficient"``, which keeps its own moments of the augmented coefficients.
         Training memory (factors, their gradients, the optimizer's moments) follows this width."""
-        return self.max_rank if self.cycle_length == 0 and self.step_rule == "optimizer" else 2 * self.max_rank
+        return 2 * self.max_rank if self.step_rule == "coefficient" else self.max_rank
 
     def current_scaling(self) -> float:
         """The scale ``s`` the adapter computes with now: ``scaling``, or 1 while it waits for its allocator."""

@@ -80,27 +80,34 @@ def sign_fixed_qr(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment_basis(U: torch.Tensor, dU: torch.Tensor, max_new: Optional[int] = None) -> torch.Tensor:
-    r"""New orthonormal directions ``Ũ ⊥ U`` such that ``span([U | Ũ]) ⊇ span(dU)``.
+    r"""New orthonormal directions ``Ũ ⊥ U`` such that ``span([U | Ũ]) ⊇ span(dU)``, or, with fewer columns than
+    that allows, the ones that carry most of ``dU``'s part orthogonal to ``U``.
 
-    .. math::  [U \mid dU] = Q R, \qquad \tilde U = Q[:, r:]
+    .. math::  [U \mid dU] = Q R, \qquad \tilde U = Q[:, r:], \qquad (I - U U^\top)\, dU = \tilde U R_{22}
 
-    The old columns are not recomputed: the augmented basis is ``Û = [U | Ũ]`` with ``U`` bit for bit.
+    With ``max_new = p < k``: ``R₂₂ = P Σ Wᵀ`` and ``Ũ ← Ũ P[:, :p]``, the p leading left singular vectors of the
+    orthogonal part (the best rank-p approximation of it). The old columns are not recomputed: the augmented basis
+    is ``Û = [U | Ũ]`` with ``U`` bit for bit.
 
     Parameters
     ----------
     U : (..., m, r), orthonormal columns
     dU : (..., m, k), the proposed change of ``U`` (``−λ G V`` for SGD)
-    max_new : keep at most this many new columns (the storage capacity left)
+    max_new : keep at most this many new columns (the storage's free columns)
 
     Returns
     -------
     Ũ : (..., m, p) with ``p = min(k, m − r, max_new)``, orthonormal and orthogonal to ``U``
     """
     r = U.shape[-1]
-    Q, _ = sign_fixed_qr(torch.cat([U, dU], dim=-1))  # (..., m, min(m, r + k))
+    Q, R = sign_fixed_qr(torch.cat([U, dU], dim=-1))  # (..., m, min(m, r + k)), (..., min(m, r + k), r + k)
     U_tilde = Q[..., r:]
-    if max_new is not None:
-        U_tilde = U_tilde[..., :max_new]
+    if max_new is not None and max_new < U_tilde.shape[-1]:
+        if max_new <= 0:
+            return U_tilde[..., :0]
+        R22 = R[..., r:, r:]  # (..., p0, k): the orthogonal part of dU in the basis Ũ
+        P, _, _ = torch.linalg.svd(R22.to(torch.float64), full_matrices=False)
+        U_tilde = U_tilde @ P[..., :max_new].to(U_tilde.dtype)
     return U_tilde
 
 

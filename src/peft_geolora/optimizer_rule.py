@@ -215,8 +215,10 @@ class OptimizerRule(StepRule):
             V0 = torch.stack([self._bases_before[2 * i + 1] for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
-            # up to 2 · max_rank columns in all (the storage holds max_rank of them with cycle_length=0)
-            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, min(m, n, 2 * self.config.max_rank) - r)
+            # a cycle lives in the parameters: it augments into the storage's free columns; cycle_length=0 augments
+            # up to 2 · max_rank columns in temporaries that its own truncation cuts back into the storage
+            width = min(m, n, 2 * self.config.max_rank) if self.config.cycle_length == 0 else capacity
+            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, width - r)
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
             factors = [self.adapters[i].parameters() for i in members]
             state = self._state_of([p for f in factors for p in f])
