@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import integrator, optimizer_state, sharding, zero
+from . import bases_before, integrator, optimizer_state, sharding, zero
 from .adapters import Batch, per_adapter
 from .schedule import CycleSchedule
 from .step_rule import StepRule, all_finite, new_directions
@@ -73,9 +73,11 @@ class OptimizerRule(StepRule):
             for a in self.adapters
         ]
         self._group_of = [optimizer_state.group_index_of(self.optimizer, a.S) for a in self.adapters]
-        # before each step: U₀, V₀ of every adapter (active columns) and S₀, reused buffers (new ones when a rank
-        # changed); and what decoupled decay keeps of S₀
-        self._bases_before: Optional[list[torch.Tensor]] = None
+        # before each step: U₀, V₀ of every adapter (active columns; recovered from torch Adam's state, or copied)
+        # and a copy of S₀ (reused buffers, new ones when a rank changed); and what decoupled decay keeps of S₀
+        self._bases_before = bases_before.bases_before_for(
+            self.optimizer, [p for a in self.adapters for p in (a.U, a.V)]
+        )
         self._coefficients_before: Optional[list[torch.Tensor]] = None
         self._kept_after_decay: list[Optional[float]] = []
         # augmented batches wider than their storage (cycle_length=0): their widened optimizer state, by members,
@@ -105,7 +107,7 @@ class OptimizerRule(StepRule):
         self._kept_after_decay = self._decoupled_decay_factors()
         # the bases' active columns only (everything beyond is zero): this copy grows with the rank, not the capacity
         bases = [f[:, :r] for r, i in zip(ranks, range(0, len(factors), 3)) for f in (factors[i], factors[i + 2])]
-        self._bases_before = _copy_into(self._bases_before, bases)
+        self._bases_before.record(bases)
 
     def steps_bases(self, schedule: CycleSchedule) -> bool:
         return True  # the optimizer steps the bases at every step
@@ -114,9 +116,10 @@ class OptimizerRule(StepRule):
         self._grow_coefficient_steps()
         if augment:
             return self._augment()
-        bases = [p for a in self.adapters for p in (a.U, a.V)]
-        optimizer_state.copy_all([p[:, : b.shape[-1]] for p, b in zip(bases, self._bases_before)], self._bases_before)
-        torch._foreach_zero_([p[:, b.shape[-1] :] for p, b in zip(bases, self._bases_before)])
+        for i, a in enumerate(self.adapters):  # the bases take no move outside an augmentation: back to U₀, V₀
+            for j, p in enumerate((a.U, a.V)):
+                p[:, : a.rank] = self._bases_before.before(2 * i + j, p[:, : a.rank])
+                p[:, a.rank :] = 0
         return []
 
     def batches(self) -> list[Batch]:
@@ -149,7 +152,7 @@ class OptimizerRule(StepRule):
         return list(self.cycle_start)
 
     def held_tensors(self) -> list[torch.Tensor]:
-        return [*self.cycle_start, *(self._bases_before or []), *(self._coefficients_before or [])]
+        return [*self.cycle_start, *self._bases_before.held_tensors(), *(self._coefficients_before or [])]
 
     def state_dict(self) -> dict[str, Any]:
         tensors = {
@@ -211,8 +214,9 @@ class OptimizerRule(StepRule):
         out = []
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
             cd = integrator.compute_dtype(dtype)
-            U0 = torch.stack([self._bases_before[2 * i] for i in members]).to(cd)  # (B, m, r)
-            V0 = torch.stack([self._bases_before[2 * i + 1] for i in members]).to(cd)  # (B, n, r)
+            before = self._bases_before.before
+            U0 = torch.stack([before(2 * i, self.adapters[i].U[:, :r]) for i in members]).to(cd)  # (B, m, r)
+            V0 = torch.stack([before(2 * i + 1, self.adapters[i].V[:, :r]) for i in members]).to(cd)  # (B, n, r)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             # a cycle lives in the parameters: it augments into the storage's free columns; cycle_length=0 augments
