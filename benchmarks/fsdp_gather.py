@@ -142,8 +142,8 @@ def computed_bytes(shapes: list[tuple[int, int]], rank: int = 8, max_rank: int =
     """What one process materialises per gather under FSDP2 (whole tensors, of which it receives the other
     processes' rows): the factors' active columns ``Σ (m + n + C) r`` (twice per optimizer step: before and after
     it), and at each augmentation and truncation the optimizer's two moments of the factors at full capacity
-    ``2 Σ (m + n + C) C`` (C = min(m, n, 2 max_rank)); fp32."""
-    capacity = [min(m, n, 2 * max_rank) for m, n in shapes]
+    ``2 Σ (m + n + C) C`` (C = min(m, n, max_rank), the storage since 0.3.0); fp32."""
+    capacity = [min(m, n, max_rank) for m, n in shapes]
     active = sum((m + n + c) * rank for (m, n), c in zip(shapes, capacity)) * itemsize
     moments = sum(2 * (m + n + c) * c for (m, n), c in zip(shapes, capacity)) * itemsize
     whole = sum((m + n + c) * c for (m, n), c in zip(shapes, capacity)) * itemsize

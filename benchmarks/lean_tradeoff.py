@@ -5,7 +5,8 @@
 Joins two committed measurements, nothing new is run: the training memory of each configuration relative to LoRA r=8
 on the same layers (``benchmarks/results/step_cost.json``, tensor by tensor, side by side in one process) and the
 suite's test runs of the same settings (``benchmarks/results/suite/test/``, ``suite.py --phase lean``: seeds 0-2, the
-suite's GeoLoRA lr), with AdaLoRA's and LoRA's test runs beside them. Writes
+suite's GeoLoRA lr), with AdaLoRA's and LoRA's test runs beside them. The rows of 0.3.0's storage read
+``step_cost_lean.json`` and ``benchmarks/results/suite_lean/test/``. Writes
 ``benchmarks/results/lean_tradeoff.json`` and the table between the markers in ``docs/research.md``.
 """
 
@@ -15,6 +16,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -23,52 +25,69 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "research.md"
 BEGIN, END = "<!-- lean trade-off: begin (benchmarks/lean_tradeoff.py) -->", "<!-- lean trade-off: end -->"
 BASE = "optimizer_mean_growth0.1_tau0.5_auto_rel1"
-# (suite test method, variant) → step_cost.json configuration (same settings: r 8 unless max_rank is smaller)
-ROWS = {
-    ("geolora", BASE): ("geolora_adaptive", "max_rank 16, cycle 3 (0.2.0's default)"),
-    ("geolora", f"{BASE}_max8"): ("geolora_max8_adaptive", "max_rank 8, cycle 3"),
-    ("geolora", f"{BASE}_max6"): ("geolora_max6_adaptive", "max_rank 6, cycle 3"),
-    ("geolora", f"{BASE}_max4"): ("geolora_max4_adaptive", "max_rank 4, cycle 3"),
-    ("geolora", f"{BASE}_c0"): ("geolora_cycle0_adaptive", "max_rank 16, cycle 0"),
-    ("geolora", f"{BASE}_c0_max8"): ("geolora_cycle0_max8_adaptive", "max_rank 8, cycle 0"),
-    ("adalora", ""): ("adalora", "AdaLoRA (init_r 12 → 8)"),
-    ("lora", ""): ("lora_r8", "LoRA r=8"),
-}
+BEFORE = ("suite", "step_cost.json")  # 0.2.x: storage 2 * max_rank (max_rank with cycle 0), the bases copied
+LEAN = ("suite_lean", "step_cost_lean.json")  # 0.3.0: storage max_rank, the bases recovered from Adam's state
 
 
-def scores() -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(method, variant) → task → test scores (one per seed), with the adapter parameters at the end as ``params``."""
-    out: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for path in sorted((RESULTS / "suite" / "test").glob("*.json")):
+@dataclass(frozen=True)
+class Row:
+    """One configuration: its suite test runs (results folder, method, variant) and its step_cost.json entry."""
+
+    label: str
+    method: str
+    variant: str
+    cost_name: str
+    source: tuple[str, str] = BEFORE  # (suite results folder, step-cost file) under benchmarks/results
+
+
+ROWS = (
+    Row("max_rank 8, storage 8 (0.3.0's default)", "geolora", f"{BASE}_max8", "geolora_adaptive", LEAN),
+    Row("max_rank 16, cycle 3 (0.2.0's default)", "geolora", BASE, "geolora_adaptive"),
+    Row("max_rank 8, cycle 3 (0.2.x, storage 16)", "geolora", f"{BASE}_max8", "geolora_max8_adaptive"),
+    Row("max_rank 6, cycle 3 (0.2.x, storage 12)", "geolora", f"{BASE}_max6", "geolora_max6_adaptive"),
+    Row("max_rank 4, cycle 3 (0.2.x, storage 8)", "geolora", f"{BASE}_max4", "geolora_max4_adaptive"),
+    Row("max_rank 16, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0", "geolora_cycle0_adaptive"),
+    Row("max_rank 8, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0_max8", "geolora_cycle0_max8_adaptive"),
+    Row("AdaLoRA (init_r 12 → 8)", "adalora", "", "adalora"),
+    Row("LoRA r=8", "lora", "", "lora_r8"),
+)
+
+
+def scores(row: Row) -> dict[str, list[float]]:
+    """Task → the row's test scores (one per seed), with the adapter parameters at the end as ``params``."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for path in sorted((RESULTS / row.source[0] / "test").glob("*.json")):
         record = json.loads(path.read_text())
-        key = (record["method"], record.get("variant") or "")
-        if key in ROWS:
-            out[key][record["task"]].append(record["primary"]["test"])
-            out[key]["params"].append(record["adapter_params_end"])
+        if (record["method"], record.get("variant") or "") == (row.method, row.variant):
+            out[record["task"]].append(record["primary"]["test"])
+            out["params"].append(record["adapter_params_end"])
     return out
 
 
 def table() -> dict:
-    cost = json.loads((RESULTS / "step_cost.json").read_text())
-    memory = cost["training_memory_bytes"]
-    by_key = scores()
-    tasks = sorted({t for rows in by_key.values() for t in rows if t != "params"})
+    costs = {source: json.loads((RESULTS / source).read_text()) for source in {row.source[1] for row in ROWS}}
     rows = []
-    for key, (name, label) in ROWS.items():
-        runs = by_key.get(key, {})
-        row = {
-            "label": label,
-            "method": key[0],
-            "variant": key[1],
-            "memory_over_lora_r8": memory[name]["total"] / memory["lora_r8"]["total"] if name in memory else None,
-            "tasks": {t: {"mean": statistics.mean(v), "seeds": len(v)} for t, v in runs.items() if t != "params"},
-            "adapter_params_end": statistics.mean(runs["params"]) if runs.get("params") else None,
-        }
-        rows.append(row)
+    for row in ROWS:
+        memory = costs[row.source[1]]["training_memory_bytes"]
+        runs = scores(row)
+        rows.append(
+            {
+                "label": row.label,
+                "method": row.method,
+                "variant": row.variant,
+                "results": row.source[0],
+                "step_cost": row.source[1],
+                "memory_over_lora_r8": memory[row.cost_name]["total"] / memory["lora_r8"]["total"]
+                if row.cost_name in memory
+                else None,
+                "tasks": {t: {"mean": statistics.mean(v), "seeds": len(v)} for t, v in runs.items() if t != "params"},
+                "adapter_params_end": statistics.mean(runs["params"]) if runs.get("params") else None,
+            }
+        )
     return {
         "command": " ".join([sys.executable, *sys.argv]),
-        "step_cost": cost["command"],
-        "tasks": tasks,
+        "step_cost": {name: cost["command"] for name, cost in costs.items()},
+        "tasks": sorted({t for row in rows for t in row["tasks"]}),
         "rows": rows,
     }
 

@@ -46,9 +46,8 @@ TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention
 
 
 # GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8; "adaptive" ones
-# are the defaults (r 8, max_rank 16: storage 2 * max_rank = 32 columns), and the lean trade-off's smaller storage
-# (max_rank 8, 6, 4 with r = min(8, max_rank); cycle_length=0, which augments and truncates within one step and so
-# stores max_rank columns instead of 2 * max_rank).
+# are the defaults (r 8, max_rank 8: storage max_rank = 8 columns since 0.3.0), smaller storage (max_rank 8, 6, 4 with
+# r = min(8, max_rank)), and cycle_length=0 (augment and truncate within one step).
 PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
 GEOLORA = {
     "geolora_pinned_r8_cycle": PINNED,

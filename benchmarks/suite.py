@@ -317,10 +317,11 @@ def habit_runs() -> Iterator[Run]:
 
 
 # The lean issue's memory/score trade-off: the default at smaller storage, on the test protocol (as "test" runs of
-# ablation variants, so the report shows them beside the default and one of them can become it). A layer's factors are
-# stored at min(m, n, 2 * max_rank) columns and the optimizer keeps two moments of each, so training memory follows
-# max_rank (16: the default until the lean issue; 8, 6, 4 with r = min(8, max_rank)); cycle_length=0 (augment and
-# truncate within every step, the paper's Algorithm 1) is how a storage of max_rank alone would train.
+# ablation variants, so the report shows them beside the default and one of them can become it). These ran before 0.3.0,
+# when a layer's factors were stored at min(m, n, 2 * max_rank) columns (now max_rank) and the optimizer kept two
+# moments of each, so training memory followed max_rank (16: the default until the lean issue; 8, 6, 4 with
+# r = min(8, max_rank)); cycle_length=0 (augment and truncate within every step, the paper's Algorithm 1) was how a
+# storage of max_rank alone trained then.
 LEAN_VARIANTS = tuple(name for name in ABLATION if name.startswith("optimizer_mean_growth0.1_tau0.5_auto_rel1_"))
 
 

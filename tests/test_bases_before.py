@@ -31,7 +31,7 @@ def test_the_inverted_step_gives_back_the_parameter_before_the_step(make) -> Non
         undo.record([p[:, :4]])
         optimizer.step()
         assert not torch.allclose(p[:, :4], before, atol=1e-4)  # it moved
-        recovered = undo.before(0, p.detach()[:, :4])
+        (recovered,) = undo.before([0], [p.detach()[:, :4]])
         torch.testing.assert_close(recovered, before, rtol=0, atol=2e-7)
 
 

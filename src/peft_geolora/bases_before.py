@@ -37,9 +37,9 @@ class BasesBefore:
         """The pre-step hook: ``bases`` are the active columns (m × r) of every adapter's ``U`` and ``V``, in order."""
         raise NotImplementedError
 
-    def before(self, index: int, after: torch.Tensor) -> torch.Tensor:
-        """Basis ``index`` (its position in ``record``'s list) as it stood before the step; ``after``: its active
-        columns now. A new tensor; ``after`` is not changed."""
+    def before(self, indices: list[int], afters: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The bases ``indices`` (positions in ``record``'s list) as they stood before the step; ``afters``: their
+        active columns now (not changed). Read-only results: they may be the held copies themselves."""
         raise NotImplementedError
 
     def held_tensors(self) -> list[torch.Tensor]:
@@ -62,15 +62,16 @@ class CopiedBases(BasesBefore):
         optimizer_state.copy_all(copies, bases)
         self._copies = copies
 
-    def before(self, index: int, after: torch.Tensor) -> torch.Tensor:
-        return self._copies[index].clone()
+    def before(self, indices: list[int], afters: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._copies[i] for i in indices]
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self._copies or [])
 
 
 class InvertedAdamStep(BasesBefore):
-    """``U₀`` from ``U₁`` and torch Adam's / AdamW's state after the step (module docstring); holds no tensor."""
+    """``U₀`` from ``U₁`` and torch Adam's / AdamW's state after the step (module docstring); holds no tensor.
+    Computed for all requested bases at once with fused ``_foreach`` kernels."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
         self.optimizer = optimizer
@@ -81,19 +82,25 @@ class InvertedAdamStep(BasesBefore):
     def record(self, bases: list[torch.Tensor]) -> None:
         self._hyper = {g: optimizer_state.read_hyperparameters(self.optimizer, "adam", g) for g in set(self._groups)}
 
-    def before(self, index: int, after: torch.Tensor) -> torch.Tensor:
-        p = self.params[index]
-        hp = self._hyper[self._groups[index]]
-        state = self.optimizer.state[p]
-        r = after.shape[-1]
-        t = float(state["step"])
-        beta1, beta2 = hp.betas
-        step_size = hp.lr / (1.0 - beta1**t)
-        denom = (state["exp_avg_sq"][:, :r].sqrt() / (1.0 - beta2**t) ** 0.5).add_(hp.eps)
-        before = torch.addcdiv(after, state["exp_avg"][:, :r], denom, value=step_size)
-        if hp.decoupled_weight_decay and hp.weight_decay != 0.0:
-            before.div_(1.0 - hp.lr * hp.weight_decay)
-        return before
+    def before(self, indices: list[int], afters: list[torch.Tensor]) -> list[torch.Tensor]:
+        moments, squares, step_sizes, corrections, eps, decays = [], [], [], [], [], []
+        for i, after in zip(indices, afters):
+            hp = self._hyper[self._groups[i]]
+            state = self.optimizer.state[self.params[i]]
+            r = after.shape[-1]
+            t = float(state["step"])
+            moments.append(state["exp_avg"][:, :r])
+            squares.append(state["exp_avg_sq"][:, :r])
+            step_sizes.append(hp.lr / (1.0 - hp.betas[0] ** t))
+            corrections.append((1.0 - hp.betas[1] ** t) ** 0.5)
+            eps.append(hp.eps)
+            decays.append(1.0 - hp.lr * hp.weight_decay if hp.decoupled_weight_decay else 1.0)
+        denominators = torch._foreach_sqrt(squares)  # √v / √(1 − β₂ᵗ) + ε
+        torch._foreach_div_(denominators, corrections)
+        torch._foreach_add_(denominators, eps)
+        befores = torch._foreach_addcdiv(afters, moments, denominators, step_sizes)
+        torch._foreach_div_(befores, decays)
+        return list(befores)
 
 
 def inverts(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:

@@ -57,9 +57,9 @@ class GeoLoraConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Initial rank of every adapter (clamped to min(in, out) per layer)."})
-    # 8 by measurement (the lean issue): on the suite's test protocol the default step scores as at 16 (0.2.0's value)
-    # with half the storage, so training memory falls from 4.7 to 2.5 times LoRA r=8's; at 4 it falls to 1.25 times
-    # and loses about half a point on rt_polarity (docs/research.md, "Lean: training memory against score").
+    # 8 by measurement (the lean issue): on the suite's test protocol the default step scores as at 16 (0.2.0's value);
+    # since 0.3.0 the storage is max_rank columns, not 2 * max_rank, and training memory about LoRA r=8's
+    # (docs/research.md, "Lean: training memory against score").
     max_rank: int = field(
         default=8,
         metadata={

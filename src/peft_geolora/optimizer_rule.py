@@ -116,10 +116,12 @@ class OptimizerRule(StepRule):
         self._grow_coefficient_steps()
         if augment:
             return self._augment()
-        for i, a in enumerate(self.adapters):  # the bases take no move outside an augmentation: back to U₀, V₀
-            for j, p in enumerate((a.U, a.V)):
-                p[:, : a.rank] = self._bases_before.before(2 * i + j, p[:, : a.rank])
-                p[:, a.rank :] = 0
+        # the bases take no move outside an augmentation: back to U₀, V₀ (zero beyond the rank, as they were)
+        bases = [p for a in self.adapters for p in (a.U, a.V)]
+        ranks = [a.rank for a in self.adapters for _ in "UV"]
+        active = [p[:, :r] for p, r in zip(bases, ranks)]
+        optimizer_state.copy_all(active, self._bases_before.before(list(range(len(bases))), active))
+        torch._foreach_zero_([p[:, r:] for p, r in zip(bases, ranks)])
         return []
 
     def batches(self) -> list[Batch]:
@@ -215,8 +217,8 @@ class OptimizerRule(StepRule):
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
             cd = integrator.compute_dtype(dtype)
             before = self._bases_before.before
-            U0 = torch.stack([before(2 * i, self.adapters[i].U[:, :r]) for i in members]).to(cd)  # (B, m, r)
-            V0 = torch.stack([before(2 * i + 1, self.adapters[i].V[:, :r]) for i in members]).to(cd)  # (B, n, r)
+            U0 = torch.stack(before([2 * i for i in members], [self.adapters[i].U[:, :r] for i in members])).to(cd)
+            V0 = torch.stack(before([2 * i + 1 for i in members], [self.adapters[i].V[:, :r] for i in members])).to(cd)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
             # a cycle lives in the parameters: it augments into the storage's free columns; cycle_length=0 augments

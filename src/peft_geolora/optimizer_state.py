@@ -125,7 +125,7 @@ class WidenedState:
     (m, width), ``S``: (width, width), ``V``: (n, width)), for an augmentation wider than the factors' storage.
 
     With ``cycle_length=0`` every step augments and truncates at once, so the augmented adapter (rank r + k, up to
-    ``2 · max_rank``) lives only inside one allocator step and the factors are stored at ``max_rank`` columns. Its
+    ``2 · max_rank``) lives only inside one allocator step, wider than the factors' ``max_rank`` columns. Its
     state lives here between :func:`pad_state` and :func:`rotate_states`; :meth:`write_back` keeps the first columns
     that fit the storage (the truncation's kept ranks, zero beyond) and writes them into ``base``'s state (then
     ``base.write_back()``, where ``base`` gathered sharded state whole).
