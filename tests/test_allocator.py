@@ -558,3 +558,20 @@ def test_relative_step_scales_s_step_by_the_adapter_size(optimizer_class, option
     assert gain > 5
     expected = kept * S_before + gain * (S0[:r, :r] - kept * S_before)
     torch.testing.assert_close(S1[:r, :r], expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=3e-2), lambda ps: torch.optim.SGD(ps, lr=0.5)])
+def test_a_full_adapter_rotates_toward_the_gradient(make) -> None:
+    """A pinned rank (min_rank = max_rank = r) fills the storage, so an augmentation has no free column: the adapter
+    then keeps the leading r directions of its augmentation at once, and its bases follow the gradient (before 0.3.0's
+    storage of max_rank columns they could not move at all: the error stayed at 0.997)."""
+    model = _two_layer_model(cycle_length=3, r=2, min_rank=2, max_rank=2)
+    targets = (_low_rank(32, 24, 2, 1), _low_rank(32, 24, 2, 2))
+    optimizer = make([p for p in model.parameters() if p.requires_grad])
+    allocator = RankAllocator(model, optimizer)
+    _fit(model, targets, allocator, optimizer, steps=160)
+    allocator.finish()
+    assert allocator.ranks() == {"base_model.model.a": 2, "base_model.model.b": 2}
+    for layer, target in zip((model.base_model.model.a, model.base_model.model.b), targets):
+        delta = layer.get_delta_weight("default").detach()
+        assert torch.linalg.norm(delta - target) / torch.linalg.norm(target) < 0.1  # (measured: 0.04 AdamW, 1e-7 SGD)

@@ -31,11 +31,10 @@ from typing import Any, Optional
 
 import torch
 
-from . import bases_before, integrator, optimizer_state, sharding, zero
+from . import bases_before, integrator, optimizer_state, sharding, truncation, zero
 from .adapters import Batch, per_adapter
 from .schedule import CycleSchedule
 from .step_rule import StepRule, all_finite, new_directions
-from .truncation import Truncated
 
 
 # ρ: the adapter norm ‖s S‖_F (= ‖ΔW‖_F) above which S's Adam step grows in proportion to it. 1 by measurement:
@@ -133,7 +132,7 @@ class OptimizerRule(StepRule):
             out.append(batch)
         return out
 
-    def carry(self, truncated: Truncated) -> None:
+    def carry(self, truncated: truncation.Truncated) -> None:
         factors = [self.adapters[i].parameters() for i in truncated.batch.members]
         state = self._widened.pop(tuple(truncated.batch.members), None)
         if state is None:
@@ -210,8 +209,12 @@ class OptimizerRule(StepRule):
         """Every adapter augmented with the optimizer's proposed directions: ``Û = [U₀ | Ũ]``, ``Ŝ``,
         ``V̂ = [V₀ | Ṽ]``.
 
-        The optimizer's state of the new entries starts at the mean second moment of the established ones, and ``Ŝ``
-        is remembered as the cycle's start.
+        An adapter with free columns grows into them (cycle_length=0: up to ``2 · max_rank`` columns, in temporaries
+        that the same step's truncation cuts back). A full adapter (rank = storage) under cycles rotates instead: it
+        is augmented with up to r new directions in temporaries and keeps the leading r directions of ``Ŝ``'s SVD at
+        once (:meth:`_rotate_full`), so its bases follow the gradient as a growing adapter's do. The optimizer's state
+        of the new entries starts at the mean second moment of the established ones, and ``Ŝ`` (for a full adapter
+        its kept part) is remembered as the cycle's start.
         """
         out = []
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
@@ -221,24 +224,41 @@ class OptimizerRule(StepRule):
             V0 = torch.stack(before([2 * i + 1 for i in members], [self.adapters[i].V[:, :r] for i in members])).to(cd)
             U1, S1, V1 = self.adapters.stack(members, r, cd)
             dU, dV = U1 - U0, V1 - V0  # the optimizer's proposed moves
-            # a cycle lives in the parameters: it augments into the storage's free columns; cycle_length=0 augments
-            # up to 2 · max_rank columns in temporaries that its own truncation cuts back into the storage
-            width = min(m, n, 2 * self.config.max_rank) if self.config.cycle_length == 0 else capacity
-            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, width - r)
+            full = self.config.cycle_length > 0 and r == capacity
+            # an open cycle lives in the parameters: it augments into the storage's free columns; cycle_length=0 and
+            # a full adapter augment up to 2 · max_rank columns in temporaries, cut back within this step
+            limit = min(m, n, 2 * self.config.max_rank) if self.config.cycle_length == 0 or full else capacity
+            U_tilde, V_tilde = new_directions(U0, dU, V0, dV, limit - r)
             S_hat = integrator.assemble_coefficients(S1, U_tilde, dU, V_tilde, dV)  # (B, r + k, r + k)
             factors = [self.adapters[i].parameters() for i in members]
             state = self._state_of([p for f in factors for p in f])
             width = S_hat.shape[-1]
             if width > capacity:  # the augmented adapter outgrows its storage: its state lives until the truncation
                 state = optimizer_state.WidenedState(state, factors, width)
-                self._widened[tuple(members)] = state
-            for b, i in enumerate(members):
+                if not full:
+                    self._widened[tuple(members)] = state
+            for b in range(len(members)):
                 optimizer_state.pad_state(state, *factors[b], r)
+            batch = Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1))
+            if full and width > capacity:
+                batch = self._rotate_full(batch, state, factors, r)
+            elif isinstance(state, (sharding.WholeState, zero.WholeState)):
+                state.write_back()
+            for b, i in enumerate(members):
                 start = self.cycle_start[i]
                 start.zero_()
-                if width <= capacity:  # (a cycle that outgrows the storage never stays open to read it)
-                    start[:width, :width] = S_hat[b]
-            if isinstance(state, (sharding.WholeState, zero.WholeState)):
-                state.write_back()
-            out.append(Batch(members, torch.cat([U0, U_tilde], -1), S_hat, torch.cat([V0, V_tilde], -1)))
+                if batch.S.shape[-1] <= capacity:  # (a cycle that outgrows the storage never stays open to read it)
+                    start[: batch.S.shape[-1], : batch.S.shape[-1]] = batch.S[b]
+            out.append(batch)
         return out
+
+    def _rotate_full(
+        self, batch: Batch, state: optimizer_state.WidenedState, factors: list[tuple[Any, Any, Any]], r: int
+    ) -> Batch:
+        """A full adapter's augmentation cut back to its rank r at once: ``Ŝ = P Σ Qᵀ``, ``U = Û P[:, :r]``,
+        ``S = Σ[:r, :r]``, ``V = V̂ Q[:, :r]``, with the optimizer's state rotated alike and written back."""
+        fixed = dict.fromkeys(batch.members, r)
+        item = truncation.truncate(self.config, [batch], {}, None, fixed, reorthonormalize_first=False)[0]
+        optimizer_state.rotate_states(state, factors, item.P, item.Q, item.ranks, self.warn_once)
+        state.write_back()
+        return Batch(batch.members, item.U[..., :r], torch.diag_embed(item.sigma[..., :r]), item.V[..., :r])
