@@ -114,8 +114,10 @@ def test_merge_and_unmerge_round_trip_within_the_quantization_error(llama_dir: P
     unmerged = _logits(model, ids)
     # Requantizing rounds every weight to the 4-bit grid again: the merged model differs from the adapter's by at
     # most the quantization's own error of the base (measured here as fp32 base vs nf4 base).
+    # Unmerging requantizes a second time (W + ΔW rounded, then that minus ΔW rounded again), so the round trip is
+    # within twice that error (measured: 0.207 against a base error of 0.198 with 0.3.0's adapters).
     assert 0 < (merged - before).abs().max().item() <= quantization_error
-    assert (unmerged - before).abs().max().item() <= quantization_error
+    assert (unmerged - before).abs().max().item() <= 2 * quantization_error
     plain = model.merge_and_unload()
     assert not any(isinstance(m, GeoLoraLayer) for m in plain.modules())
     assert type(plain.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
