@@ -5,8 +5,8 @@
 Joins two committed measurements, nothing new is run: the training memory of each configuration relative to LoRA r=8
 on the same layers (``benchmarks/results/step_cost.json``, tensor by tensor, side by side in one process) and the
 suite's test runs of the same settings (``benchmarks/results/suite/test/``, ``suite.py --phase lean``: seeds 0-2, the
-suite's GeoLoRA lr), with AdaLoRA's and LoRA's test runs beside them. The rows of 0.3.0's storage read
-``step_cost_lean.json`` and ``benchmarks/results/suite_lean/test/``. Writes
+suite's GeoLoRA lr), with AdaLoRA's and LoRA's test runs beside them. The rows measured before 0.3.0's storage read
+``step_cost_0.2.json`` (and the 0.2.x default's runs ``benchmarks/results/suite_0.2/test/``). Writes
 ``benchmarks/results/lean_tradeoff.json`` and the table between the markers in ``docs/research.md``.
 """
 
@@ -25,29 +25,32 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "research.md"
 BEGIN, END = "<!-- lean trade-off: begin (benchmarks/lean_tradeoff.py) -->", "<!-- lean trade-off: end -->"
 BASE = "optimizer_mean_growth0.1_tau0.5_auto_rel1"
-BEFORE = ("suite", "step_cost.json")  # 0.2.x: storage 2 * max_rank (max_rank with cycle 0), the bases copied
-LEAN = ("suite_lean", "step_cost_lean.json")  # 0.3.0: storage max_rank, the bases recovered from Adam's state
+NOW = ("suite", "step_cost.json")  # the package as it is: storage max_rank, the bases recovered from Adam's state
+# before the lean change (0.2.x): storage 2 * max_rank (max_rank with cycle 0), the bases copied; the default's runs of
+# then moved to suite_0.2/ when 0.3.0's took their place in suite/test/
+BEFORE = ("suite", "step_cost_0.2.json")
+BEFORE_DEFAULT = ("suite_0.2", "step_cost_0.2.json")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One configuration: its suite test runs (results folder, method, variant) and its step_cost.json entry."""
+    """One configuration: its suite test runs (results folder, method, variant) and its step-cost entry."""
 
     label: str
     method: str
     variant: str
     cost_name: str
-    source: tuple[str, str] = BEFORE  # (suite results folder, step-cost file) under benchmarks/results
+    source: tuple[str, str] = NOW  # (suite results folder, step-cost file) under benchmarks/results
 
 
 ROWS = (
-    Row("max_rank 8, storage 8 (0.3.0's default)", "geolora", f"{BASE}_max8", "geolora_adaptive", LEAN),
-    Row("max_rank 16, cycle 3 (0.2.0's default)", "geolora", BASE, "geolora_adaptive"),
-    Row("max_rank 8, cycle 3 (0.2.x, storage 16)", "geolora", f"{BASE}_max8", "geolora_max8_adaptive"),
-    Row("max_rank 6, cycle 3 (0.2.x, storage 12)", "geolora", f"{BASE}_max6", "geolora_max6_adaptive"),
-    Row("max_rank 4, cycle 3 (0.2.x, storage 8)", "geolora", f"{BASE}_max4", "geolora_max4_adaptive"),
-    Row("max_rank 16, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0", "geolora_cycle0_adaptive"),
-    Row("max_rank 8, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0_max8", "geolora_cycle0_max8_adaptive"),
+    Row("max_rank 8, storage 8 (0.3.0's default)", "geolora", f"{BASE}_max8", "geolora_adaptive"),
+    Row("max_rank 16, storage 32 (0.2.0's default)", "geolora", BASE, "geolora_adaptive", BEFORE),
+    Row("max_rank 8, storage 16 (0.2.x)", "geolora", f"{BASE}_max8", "geolora_max8_adaptive", BEFORE_DEFAULT),
+    Row("max_rank 6, storage 12 (0.2.x)", "geolora", f"{BASE}_max6", "geolora_max6_adaptive", BEFORE),
+    Row("max_rank 4, storage 8 (0.2.x)", "geolora", f"{BASE}_max4", "geolora_max4_adaptive", BEFORE),
+    Row("max_rank 16, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0", "geolora_cycle0_adaptive", BEFORE),
+    Row("max_rank 8, cycle 0 (0.2.x)", "geolora", f"{BASE}_c0_max8", "geolora_cycle0_max8_adaptive", BEFORE),
     Row("AdaLoRA (init_r 12 → 8)", "adalora", "", "adalora"),
     Row("LoRA r=8", "lora", "", "lora_r8"),
 )

@@ -467,3 +467,16 @@ def test_the_suite_adapts_the_same_layers_of_mpnet_in_its_own_folder() -> None:
     assert not any(pattern.fullmatch(n) for n in ("classifier.dense", "classifier.out_proj", "mpnet.pooler.dense"))
     assert settings["model_name_or_path"] == "all-mpnet-base-v2"
     assert suite.MODELS["mpnet"]["results"] != suite.MODELS["minilm"]["results"]
+
+
+def test_the_lean_trade_off_table_is_built_from_committed_files_only() -> None:
+    """Every row of docs/research.md's memory-against-score table comes from a committed step-cost file and committed
+    suite runs; the default's row is today's storage and has every task at three seeds."""
+    import lean_tradeoff
+
+    data = lean_tradeoff.table()
+    assert all(row["memory_over_lora_r8"] is not None for row in data["rows"])
+    default = data["rows"][0]
+    assert default["results"] == "suite" and default["step_cost"] == "step_cost.json"
+    assert len(default["tasks"]) == 6 and all(t["seeds"] == 3 for t in default["tasks"].values())
+    assert lean_tradeoff.markdown(data) in (lean_tradeoff.DOC.read_text())
