@@ -54,13 +54,7 @@ class CopiedBases(BasesBefore):
         self._copies: Optional[list[torch.Tensor]] = None
 
     def record(self, bases: list[torch.Tensor]) -> None:
-        copies = self._copies
-        if copies is None or any(
-            c.shape != b.shape or c.device != b.device or c.dtype != b.dtype for c, b in zip(copies, bases)
-        ):
-            copies = [torch.empty_like(b) for b in bases]
-        optimizer_state.copy_all(copies, bases)
-        self._copies = copies
+        self._copies = optimizer_state.copy_into(self._copies, bases)
 
     def before(self, indices: list[int], afters: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self._copies[i] for i in indices]

@@ -1,10 +1,11 @@
 """GeoLoRA layers: ``U``, ``S``, ``V`` stored at a fixed capacity with a persistent active-rank buffer.
 
 Storage per adapter (notation in :mod:`peft_geolora.integrator`): ``geolora_U`` (m × R), ``geolora_S`` (R × R),
-``geolora_V`` (n × R) with capacity ``R = min(m, n, max_rank)`` (:meth:`~peft_geolora.GeoLoraConfig.storage_columns`), and ``geolora_rank``, a persistent 0-d int64
-buffer holding the active rank ``r``. Only ``U[:, :r]``, ``S[:r, :r]``, ``V[:, :r]`` are used; the rest stays exactly
-zero. Shapes never change after construction, so DDP buckets and optimizer references stay valid; the
-allocator rewrites the factors in place. A Python-int mirror of the rank (``self.rank``) keeps the forward free
+``geolora_V`` (n × R) with capacity ``R = min(m, n, max_rank)``
+(:meth:`~peft_geolora.GeoLoraConfig.storage_columns`), and ``geolora_rank``, a persistent 0-d int64 buffer holding
+the active rank ``r``. Only ``U[:, :r]``, ``S[:r, :r]``, ``V[:, :r]`` are used; the rest stays exactly zero.
+Shapes never change after construction, so DDP buckets and optimizer references stay valid; the allocator rewrites
+the factors in place. A Python-int mirror of the rank (``self.rank``) keeps the forward free
 of device syncs.
 """
 

@@ -49,16 +49,6 @@ RELATIVE_STEP_ABOVE = 1.0
 RELATIVE_STEP_UP_TO = 10.0
 
 
-def _copy_into(buffers: Optional[list[torch.Tensor]], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of ``tensors`` in ``buffers``, reused unless absent (first step) or the model was moved or cast since."""
-    if buffers is None or any(
-        b.shape != t.shape or b.device != t.device or b.dtype != t.dtype for b, t in zip(buffers, tensors)
-    ):
-        buffers = [torch.empty_like(t) for t in tensors]
-    optimizer_state.copy_all(buffers, tensors)
-    return buffers
-
-
 class OptimizerRule(StepRule):
     """The default step rule (see the module docstring)."""
 
@@ -102,7 +92,7 @@ class OptimizerRule(StepRule):
             factors = zero.gather(factors)
         elif sharding.is_sharded(factors[0]):  # FSDP2: the whole factors (their active columns), one all-gather
             factors = sharding.gather_columns(factors, [r for r in ranks for _ in "USV"])
-        self._coefficients_before = _copy_into(self._coefficients_before, factors[1::3])
+        self._coefficients_before = optimizer_state.copy_into(self._coefficients_before, factors[1::3])
         self._kept_after_decay = self._decoupled_decay_factors()
         # the bases' active columns only (everything beyond is zero): this copy grows with the rank, not the capacity
         bases = [f[:, :r] for r, i in zip(ranks, range(0, len(factors), 3)) for f in (factors[i], factors[i + 2])]
@@ -217,9 +207,9 @@ class OptimizerRule(StepRule):
         its kept part) is remembered as the cycle's start.
         """
         out = []
+        before = self._bases_before.before
         for (m, n, r, capacity, dtype, _, _), members in self.adapters.groups().items():
             cd = integrator.compute_dtype(dtype)
-            before = self._bases_before.before
             U0 = torch.stack(before([2 * i for i in members], [self.adapters[i].U[:, :r] for i in members])).to(cd)
             V0 = torch.stack(before([2 * i + 1 for i in members], [self.adapters[i].V[:, :r] for i in members])).to(cd)
             U1, S1, V1 = self.adapters.stack(members, r, cd)

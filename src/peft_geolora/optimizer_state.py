@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -168,6 +168,17 @@ def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         group[1].append(source)
     for group_targets, group_sources in by_device.values():
         torch._foreach_copy_(group_targets, group_sources)
+
+
+def copy_into(buffers: Optional[list[torch.Tensor]], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in ``buffers``, reused unless absent (first step), or the shapes changed (a rank did) or
+    the model was moved or cast since; one fused copy (:func:`copy_all`)."""
+    if buffers is None or any(
+        b.shape != t.shape or b.device != t.device or b.dtype != t.dtype for b, t in zip(buffers, tensors)
+    ):
+        buffers = [torch.empty_like(t) for t in tensors]
+    copy_all(buffers, tensors)
+    return buffers
 
 
 @dataclass(frozen=True)
