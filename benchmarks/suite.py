@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -349,12 +350,17 @@ GEOLORA_BUDGETS = (
     2 * LORA_PARAMS_PER_RANK,
     4 * LORA_PARAMS_PER_RANK,
 )
+# the budgets' settings: 0.3.0's default step at max_rank 8, whatever max_rank the package default has (a budget spreads
+# ranks over the layers, and max_rank caps a layer's share: at max_rank 4 the largest budget would be rank 4
+# everywhere, LoRA r=4's size)
+BUDGET_VARIANT = f"{STEP_VARIANT}_max8"
 FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
     "lora": {f"r{r}": (f"lora.r={r}", f"lora.lora_alpha={2 * r}") for r in (1, 2, 4)},
     "adalora": {f"r{r}": (f"adalora.target_r={r}", f"adalora.init_r={3 * r // 2}") for r in (2, 4)},
     "adamss": {"asa25": ("adamss.asa_target_subspaces=25",)},
     "geolora": {
-        f"budget{b}": (*GEOLORA_DEFAULTS, "geolora.budget_unit=params", f"geolora.budget={b}") for b in GEOLORA_BUDGETS
+        f"budget{b}": (*RUNNABLE[BUDGET_VARIANT], "geolora.budget_unit=params", f"geolora.budget={b}")
+        for b in GEOLORA_BUDGETS
     },
 }
 
@@ -858,6 +864,15 @@ def markdown(results: Path) -> str:
 SUITE_SIZES = {"lora": "r8", "adalora": "r8", "adamss": "asa50", "geolora": "tau"}
 
 
+def geolora_tau_size(variant: str) -> Optional[str]:
+    """A GeoLoRA test run's frontier size setting: "tau" for the default, "tau_maxK" for the tau rule at another
+    storage the lean phase measured (max_rank K, a size knob: it caps every layer's rank); None for other variants."""
+    if variant == DEFAULT_VARIANT:
+        return "tau"
+    storage = variant.removeprefix(f"{STEP_VARIANT}_")
+    return f"tau_{storage}" if variant in LEAN_VARIANTS and re.fullmatch(r"max\d+", storage) else None
+
+
 @dataclass
 class Point:
     """One method at one size setting on FRONTIER_TASKS: per seed, the mean test score over the tasks (only seeds
@@ -898,9 +913,9 @@ def frontier_points(results: Path) -> list[Point]:
             runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
         if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:
-            if r["method"] == "geolora" and r["variant"] != DEFAULT_VARIANT:
-                continue
-            runs[(r["method"], SUITE_SIZES[r["method"]])].append(r)
+            size = SUITE_SIZES[r["method"]] if r["method"] != "geolora" else geolora_tau_size(r["variant"])
+            if size is not None:
+                runs[(r["method"], size)].append(r)
     points = []
     for (method, size), mine in runs.items():
         scores = {(r["seed"], r["task"]): r["primary"]["test"] for r in mine}

@@ -38,6 +38,13 @@ def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
     assert copy.deepcopy(config).peft_type is PeftType.GEOLORA
 
 
+def test_a_lora_rank_above_max_rank_says_to_raise_max_rank() -> None:
+    """A LoRA recipe's r=16 against the default max_rank: the error names the field that lets it train."""
+    with pytest.raises(ValueError, match=r"give max_rank=16 as well"):
+        GeoLoraConfig(target_modules=["lin"], r=16)
+    assert GeoLoraConfig(target_modules=["lin"], r=16, max_rank=16).max_rank == 16
+
+
 @pytest.mark.parametrize(
     "kwargs, field, fragment",
     [

@@ -27,9 +27,9 @@ UNRESOLVED_AUTO_SCALE = 1.0
 RETIRED_SETTINGS = {"moment_init": "mean", "balance_bases": False, "basis_steps": "every", "relative_step_above": 1.0}
 
 
-def _check_range(name: str, value, allowed: str, ok: bool) -> None:
+def _check_range(name: str, value, allowed: str, ok: bool, hint: str = "") -> None:
     if not ok:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.{' ' + hint if hint else ''}")
 
 
 def _is_int(value) -> bool:
@@ -250,6 +250,11 @@ class GeoLoraConfig(PeftConfig):
             self.r,
             f"in [`min_rank`, `max_rank`] = [{self.min_rank}, {self.max_rank}]",
             self.min_rank <= self.r <= self.max_rank,
+            # a LoRA recipe's r=16 meets the default max_rank: say what each field means and what to give
+            f"GeoLoRA's `r` is the starting rank and `max_rank` the largest rank a layer keeps (its storage: training "
+            f"memory follows it); to train up to rank {self.r}, give max_rank={self.r} as well."
+            if _is_int(self.r) and self.r > self.max_rank
+            else "",
         )
         _check_range("tau", self.tau, "a number in [0, 1)", isinstance(self.tau, (int, float)) and 0 <= self.tau < 1)
         _check_range(
