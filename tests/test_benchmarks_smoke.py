@@ -143,6 +143,8 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
         run.path(tmp_path).write_text(json.dumps(record))
 
     first, second = suite.FRONTIER_TASKS
+    smaller = next(v for v in suite.LEAN_VARIANTS if v.endswith("_max4") and v != suite.DEFAULT_VARIANT)
+    cycle0 = f"{suite.STEP_VARIANT}_c0_max8"
     for seed in (0, 1):
         write("frontier", "geolora", "budget41472", first, seed, 0.80 + 0.02 * seed, 41_000)
         write("frontier", "geolora", "budget41472", second, seed, 0.90, 41_000)
@@ -150,6 +152,9 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
         write("test", "geolora", suite.DEFAULT_VARIANT, second, seed, 0.93, 130_000)
         write("test", "geolora", "optimizer", first, seed, 0.99, 1)  # another variant: not a frontier point
         write("test", "geolora", "optimizer", second, seed, 0.99, 1)
+        for variant in (smaller, cycle0):  # the tau rule at a smaller storage is a point; at cycle 0 it is not
+            write("test", "geolora", variant, first, seed, 0.70, 100_000)
+            write("test", "geolora", variant, second, seed, 0.70, 100_000)
         write("frontier", "lora", "r1", first, seed, 0.79, 41_472)
         write("frontier", "lora", "r1", second, seed, 0.90, 41_472)
         write("test", "adamss", "", first, seed, 0.83, 43_000)
@@ -159,7 +164,14 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
     write("frontier", "lora", "r1", first, 2, 0.10, 41_472)  # seed 2 lacks the second task: left out
 
     points = {p.name: p for p in suite.frontier_points(tmp_path)}
-    assert set(points) == {"geolora budget41472", "geolora tau", "lora r1", "adamss asa50", "lora r8"}
+    assert set(points) == {
+        "geolora budget41472",
+        "geolora tau",
+        "geolora tau_max4",
+        "lora r1",
+        "adamss asa50",
+        "lora r8",
+    }
     assert points["geolora budget41472"].by_seed == {0: pytest.approx(0.85), 1: pytest.approx(0.86)}
     assert set(points["lora r1"].by_seed) == {0, 1} and points["lora r1"].score == pytest.approx(0.845)
     verdicts = {
