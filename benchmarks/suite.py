@@ -220,7 +220,7 @@ ABLATION.update(
             *extra,
         ]
         for suffix, extra in {
-            **{f"max{k}": [f"geolora.max_rank={k}", f"geolora.r={min(k, 8)}"] for k in (8, 6, 4)},
+            **{f"max{k}": [f"geolora.max_rank={k}", f"geolora.r={min(k, 8)}"] for k in (8, 7, 6, 4)},
             "c0": ["geolora.cycle_length=0"],
             "c0_max8": ["geolora.cycle_length=0", "geolora.max_rank=8", "geolora.r=8"],
         }.items()
