@@ -7,7 +7,7 @@
     python benchmarks/suite.py --phase habits      # a LoRA user's lora_alpha and lr, unchanged, on both methods
     python benchmarks/suite.py --phase lean        # the default at smaller storage (max_rank 8, 6, 4; cycle_length 0)
     python benchmarks/suite.py --phase frontier    # every method at several sizes (the size-score frontier)
-    python benchmarks/suite.py --phase frontier_lr # each of those sizes at the next larger lr (re-selection)
+    python benchmarks/suite.py --phase frontier_lr # each of those sizes at the next larger step (re-selection)
     python benchmarks/suite.py --report            # the tables and plots below, from the JSON files alone
     python benchmarks/suite.py --smoke --results_dir DIR   # CI: one-layer model, 2 steps, each task and method once
 
@@ -374,25 +374,52 @@ def larger_lr(method: str, lr: float) -> Optional[float]:
     return grid[i + 1] if i + 1 < len(grid) else None
 
 
-def size_lr(method: str, variant: str, suite_lr: float, results: Path) -> float:
-    """A frontier size's learning rate, re-selected on validation: the better mean validation score over LR_TASKS
-    (seed 0) of the suite's lr (the size's frontier run) and the next larger rate on the grid (its frontier_lr run),
-    once both are measured; the suite's lr until then."""
-    larger = larger_lr(method, suite_lr) if suite_lr in LR_GRID[method] else None
-    if larger is None:
-        return suite_lr
-    by_lr = {}
-    for lr, phase in ((suite_lr, "frontier"), (larger, "frontier_lr")):
-        paths = [Run(phase, task, method, lr, 0, variant).path(results) for task in LR_TASKS]
-        if not all(path.is_file() for path in paths):
-            return suite_lr
-        by_lr[lr] = statistics.mean(json.loads(path.read_text())["primary"]["validation"] for path in paths)
-    return max(by_lr, key=by_lr.get)
+# GeoLoRA's adapter step does not follow lr (lora_alpha="auto": s · lr = 5e-3; lr sets the head's step), and the
+# suite's lr is the top of its grid, so a GeoLoRA size's next larger step is twice the adapter step at the same lr:
+# lora_alpha = 4r with the budget variant's r = 8, read as LoRA reads it (s = (lora_alpha / 2r) · 5e-3 / lr).
+GEOLORA_LARGER_STEP = ("step2", ("geolora.lora_alpha=32",))
+
+
+def larger_step(method: str, variant: str, lr: float) -> Optional[tuple[float, str, tuple[str, ...]]]:
+    """A frontier size's candidate at the next larger step: (lr, variant, overrides added to the size's), or None.
+    LoRA, AdaLoRA and AdaMSS: the next larger rate on the method's grid (:func:`larger_lr`); GeoLoRA: the same lr
+    with twice the adapter step (:data:`GEOLORA_LARGER_STEP`, a variant of its own, ``<size>_step2``)."""
+    if method == "geolora":
+        suffix, extra = GEOLORA_LARGER_STEP
+        return lr, f"{variant}_{suffix}", extra
+    larger = larger_lr(method, lr) if lr in LR_GRID[method] else None
+    return None if larger is None else (larger, variant, ())
+
+
+def base_size(method: str, variant: str) -> str:
+    """The frontier size a run belongs to: its variant without GeoLoRA's larger-step suffix."""
+    return variant.removesuffix(f"_{GEOLORA_LARGER_STEP[0]}") if method == "geolora" else variant
+
+
+def size_setting(method: str, variant: str, suite_lr: float, results: Path) -> tuple[float, str]:
+    """A frontier size's step, re-selected on validation: (lr, variant) of the better mean validation score over
+    LR_TASKS (seed 0) of the size at the suite's lr (its frontier run) and at :func:`larger_step` (its frontier_lr
+    run), once both are measured; the suite's setting until then (and on a tie)."""
+    candidate = larger_step(method, variant, suite_lr)
+    if candidate is None:
+        return suite_lr, variant
+    paths = {
+        (lr, name): [Run(phase, task, method, lr, 0, name).path(results) for task in LR_TASKS]
+        for (lr, name), phase in (((suite_lr, variant), "frontier"), (candidate[:2], "frontier_lr"))
+    }
+    if not all(path.is_file() for group in paths.values() for path in group):
+        return suite_lr, variant
+    by_setting = {
+        setting: statistics.mean(json.loads(path.read_text())["primary"]["validation"] for path in group)
+        for setting, group in paths.items()
+    }
+    return max(by_setting, key=by_setting.get)
 
 
 def frontier_runs(results: Path) -> Iterator[Run]:
     """The frontier phase's runs, seed-major (a partial frontier compares every size at the first seeds), each size
-    at :func:`size_lr`. GeoLoRA's points are those of the package defaults when they ran (the records say which)."""
+    at :func:`size_setting`. GeoLoRA's points are those of the package defaults when they ran (the records say
+    which)."""
     lrs = chosen_lrs(results)
     for seed in SEEDS:
         for task in FRONTIER_TASKS:
@@ -401,23 +428,26 @@ def frontier_runs(results: Path) -> Iterator[Run]:
                     print(f"frontier phase: no lr chosen yet for {method} (run --phase lr first)", flush=True)
                     continue
                 for variant, overrides in sizes.items():
-                    lr = size_lr(method, variant, lrs[method], results)
-                    if lr != lrs[method] and seed == 0:
-                        continue  # the size's frontier_lr run (seed 0, the same run)
-                    yield Run("frontier", task, method, lr, seed, variant, overrides)
+                    lr, name = size_setting(method, variant, lrs[method], results)
+                    if (lr, name) != (lrs[method], variant):
+                        if seed == 0:
+                            continue  # the size's frontier_lr run (seed 0, the same run)
+                        overrides = (*overrides, *larger_step(method, variant, lrs[method])[2])
+                    yield Run("frontier", task, method, lr, seed, name, overrides)
 
 
 def frontier_lr_runs(results: Path) -> Iterator[Run]:
-    """The frontier_lr phase: every frontier size at the next larger grid rate than its method's suite lr (seed 0,
-    scored on validation and test; :func:`size_lr` chooses with it)."""
+    """The frontier_lr phase: every frontier size at :func:`larger_step` (seed 0, scored on validation and test;
+    :func:`size_setting` chooses with it)."""
     lrs = chosen_lrs(results)
     for method, sizes in FRONTIER.items():
-        larger = larger_lr(method, lrs[method]) if method in lrs else None
-        if larger is None:
-            continue
         for variant, overrides in sizes.items():
+            candidate = larger_step(method, variant, lrs[method]) if method in lrs else None
+            if candidate is None:
+                continue
+            lr, name, extra = candidate
             for task in LR_TASKS:
-                yield Run("frontier_lr", task, method, larger, 0, variant, overrides)
+                yield Run("frontier_lr", task, method, lr, 0, name, (*overrides, *extra))
 
 
 # The score a method is ranked by on each task (the GLUE convention of its metric family)
@@ -904,12 +934,13 @@ def frontier_points(results: Path) -> list[Point]:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     lrs = chosen_lrs(results)
     records = load(results, "frontier") + [r for r in load(results, "frontier_lr") if r["seed"] == 0]
-    chosen = {  # each size's lr, once (size_lr reads its seed-0 runs)
-        (r["method"], r["variant"]): size_lr(r["method"], r["variant"], lrs.get(r["method"], r["lr"]), results)
+    chosen = {  # each size's step, once (size_setting reads its seed-0 runs)
+        (r["method"], size): size_setting(r["method"], size, lrs.get(r["method"], r["lr"]), results)
         for r in records
+        for size in [base_size(r["method"], r["variant"])]
     }
     for r in records:
-        if r["lr"] == chosen[(r["method"], r["variant"])]:
+        if (r["lr"], r["variant"]) == chosen[(r["method"], base_size(r["method"], r["variant"]))]:
             runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
         if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:

@@ -205,32 +205,51 @@ def test_every_frontier_budget_covers_geolora_s_floor_and_meets_a_lora_size() ->
         assert any(size <= b <= (1 + suite.SIZE_TOLERANCE) * size for b in suite.GEOLORA_BUDGETS)
 
 
-def test_a_frontier_size_takes_the_larger_lr_only_once_both_are_measured_and_it_wins(tmp_path) -> None:
-    """size_lr: the suite's lr until the next larger grid rate is measured on validation (seed 0, LR_TASKS); then the
-    better of the two. The frontier's seed 0 at a switched rate is that frontier_lr run, and its point uses it."""
+def test_a_frontier_size_takes_the_larger_step_only_once_both_are_measured_and_it_wins(tmp_path, monkeypatch) -> None:
+    """size_setting: the suite's lr until the size's larger step is measured on validation (seed 0, LR_TASKS); then
+    the better of the two. LoRA's larger step is the next grid rate; GeoLoRA's (whose adapter step does not follow
+    lr) twice the adapter step at the same lr, a variant of its own. The frontier's seed 0 at a switched step is that
+    frontier_lr run, its later seeds run the switched setting, and its point uses them."""
     import suite
 
     grid = suite.LR_GRID["lora"]
     suite_lr = grid[1]
 
-    def write(phase: str, lr: float, score: float, tasks=suite.LR_TASKS) -> None:
+    def write(phase: str, lr: float, score: float, tasks=suite.LR_TASKS, method="lora", variant="r1") -> None:
         for task in tasks:
-            run = suite.Run(phase, task, "lora", lr, 0, "r1")
+            run = suite.Run(phase, task, method, lr, 0, variant)
             run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
-            record = {**_record(task, "lora", lr, score, 0, "test"), "variant": "r1", "adapter_params_end": 41_472}
+            record = {**_record(task, method, lr, score, 0, "test"), "variant": variant, "adapter_params_end": 41_472}
             record["primary"]["validation"] = score
             run.path(tmp_path).write_text(json.dumps(record))
 
     assert suite.larger_lr("lora", suite_lr) == grid[2] and suite.larger_lr("geolora", grid[-1]) is None
     write("frontier", suite_lr, 0.80)
     write("frontier_lr", grid[2], 0.85, suite.LR_TASKS[:1])
-    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr  # the larger rate is not measured on every task
+    # the larger rate is not measured on every task
+    assert suite.size_setting("lora", "r1", suite_lr, tmp_path) == (suite_lr, "r1")
     write("frontier_lr", grid[2], 0.85)
-    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == grid[2]
+    assert suite.size_setting("lora", "r1", suite_lr, tmp_path) == (grid[2], "r1")
     points = {p.name: p for p in suite.frontier_points(tmp_path)}
     assert points["lora r1"].lr == grid[2] and points["lora r1"].score == pytest.approx(0.85)
     write("frontier_lr", grid[2], 0.75)
-    assert suite.size_lr("lora", "r1", suite_lr, tmp_path) == suite_lr
+    assert suite.size_setting("lora", "r1", suite_lr, tmp_path) == (suite_lr, "r1")
+
+    # GeoLoRA: the same lr, lora_alpha 32 (twice the "auto" step at r = 8) as the size's own variant
+    size, geo_lr = f"budget{suite.GEOLORA_BUDGETS[0]}", suite.LR_GRID["geolora"][-1]
+    lr, name, extra = suite.larger_step("geolora", size, geo_lr)
+    assert (lr, name, extra) == (geo_lr, f"{size}_step2", ("geolora.lora_alpha=32",))
+    write("frontier", geo_lr, 0.80, method="geolora", variant=size)
+    write("frontier_lr", geo_lr, 0.83, method="geolora", variant=name)
+    assert suite.size_setting("geolora", size, geo_lr, tmp_path) == (geo_lr, name)
+    monkeypatch.setattr(suite, "chosen_lrs", lambda results: {"geolora": geo_lr})
+    candidates = [r for r in suite.frontier_lr_runs(tmp_path) if r.variant == name]
+    assert len(candidates) == len(suite.LR_TASKS) and all(r.overrides[-1] == extra[0] for r in candidates)
+    frontier = [r for r in suite.frontier_runs(tmp_path) if r.variant.startswith(size)]
+    assert {r.seed for r in frontier} == {1, 2} and {r.variant for r in frontier} == {name}
+    assert all(r.overrides == candidates[0].overrides for r in frontier)
+    points = {p.name: p for p in suite.frontier_points(tmp_path)}
+    assert points[f"geolora {name}"].score == pytest.approx(0.83) and f"geolora {size}" not in points
 
 
 def test_habit_phase_runs_each_reading_of_a_lora_users_alpha_beside_lora(tmp_path) -> None:
