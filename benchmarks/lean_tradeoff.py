@@ -46,6 +46,7 @@ class Row:
 
 ROWS = (
     Row("max_rank 8, storage 8 (0.3.0's default)", "geolora", f"{BASE}_max8", "geolora_adaptive"),
+    Row("max_rank 7, storage 7 (0.3.0)", "geolora", f"{BASE}_max7", "geolora_max7_adaptive"),
     Row("max_rank 6, storage 6 (0.3.0)", "geolora", f"{BASE}_max6", "geolora_max6_adaptive"),
     Row("max_rank 4, storage 4 (0.3.0)", "geolora", f"{BASE}_max4", "geolora_max4_adaptive"),
     Row("max_rank 16, storage 32 (0.2.0's default)", "geolora", BASE, "geolora_adaptive", BEFORE_IN_SUITE),

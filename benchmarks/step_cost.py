@@ -46,16 +46,15 @@ TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention
 
 
 # GeoLoRA's configurations by name: the settings beside the targets. "pinned" runs hold the rank at 8; "adaptive" ones
-# are the defaults (r 8, max_rank 8: storage max_rank = 8 columns since 0.3.0), smaller storage (max_rank 8, 6, 4 with
-# r = min(8, max_rank)), and cycle_length=0 (augment and truncate within one step).
+# are the defaults (r 8, max_rank 8: storage max_rank = 8 columns), smaller storage (max_rank 7, 6, 4 with r = max_rank),
+# and cycle_length=0 (augment and truncate within one step).
 PINNED = {"r": 8, "min_rank": 8, "max_rank": 8}
 GEOLORA = {
     "geolora_pinned_r8_cycle": PINNED,
     "geolora_pinned_r8_step": {**PINNED, "cycle_length": 0},
     "geolora_adaptive": {},  # the defaults
-    **{f"geolora_max{k}_adaptive": {"r": min(8, k), "max_rank": k} for k in (8, 6, 4)},
+    **{f"geolora_max{k}_adaptive": {"r": k, "max_rank": k} for k in (7, 6, 4)},
     "geolora_cycle0_adaptive": {"cycle_length": 0},
-    "geolora_cycle0_max8_adaptive": {"cycle_length": 0, "max_rank": 8},
 }
 # AdaMSS as the suite runs it (configs/glue/*.yaml: the settings of its documentation's example)
 ADAMSS = {

@@ -424,12 +424,11 @@ def test_gpu_cost_runs_every_method_on_a_tiny_shape() -> None:
 
 def test_training_memory_by_part_is_what_the_design_says() -> None:
     """step_cost.py's memory by part against the design, from the shapes alone. Per adapter of an (m × n) layer with
-    capacity C = min(m, n, 2 max_rank), fp32: weights U (m × C), S (C × C), V (n × C); gradients of all three
-    (the bases' at every step under the default rule); AdamW's two moments of each (and one step counter per
-    tensor); the allocator's copies from before each optimizer step of the bases' active columns (m × r, n × r: here
-    the initial rank r = 4, the width the first step started at) and of S (C × C), and the cycle's start Ŝ (C × C).
-    LoRA r=8 holds (m + n) r weights, their gradients and two moments. Here (C = 8, as LoRA's r) GeoLoRA holds 1.3
-    times LoRA's bytes; the factors at capacity and their gradients and moments are what grows with max_rank."""
+    storage C = min(m, n, max_rank), fp32: weights U (m × C), S (C × C), V (n × C); gradients of all three (the
+    bases' at every step under the default rule); AdamW's two moments of each (and one step counter per tensor); the
+    allocator's copy of S from before each optimizer step and the cycle's start Ŝ (C × C each; under torch's AdamW the
+    bases before a step are recovered from the optimizer's state, not copied). LoRA r=8 holds (m + n) r weights, their
+    gradients and two moments. At C = 8 (LoRA's r) GeoLoRA is above LoRA only by S, its moments and the two copies."""
     import torch
     from peft import LoraConfig, get_peft_model
 

@@ -17,6 +17,7 @@ from torch import nn
 
 import peft_geolora
 from peft_geolora import GeoLoraConfig, GeoLoraModel
+from peft_geolora import config as config_module
 
 
 def test_registration_is_idempotent_and_survives_reload() -> None:
@@ -38,11 +39,15 @@ def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
     assert copy.deepcopy(config).peft_type is PeftType.GEOLORA
 
 
-def test_a_lora_rank_above_max_rank_says_to_raise_max_rank() -> None:
-    """A LoRA recipe's r=16 against the default max_rank: the error names the field that lets it train."""
+def test_max_rank_follows_a_lora_rank_above_the_default_and_refuses_a_smaller_one_with_the_fix() -> None:
+    """A LoRA recipe's r=8 or r=16 stores (and may keep) r columns as LoRA does; a smaller r can grow to the default
+    storage; an explicit max_rank below r is refused with the setting that lets it train."""
+    default = config_module.DEFAULT_RANK
+    assert GeoLoraConfig(target_modules=["lin"]).r == GeoLoraConfig(target_modules=["lin"]).max_rank == default
+    assert GeoLoraConfig(target_modules=["lin"], r=16).max_rank == 16
+    assert GeoLoraConfig(target_modules=["lin"], r=1).max_rank == default
     with pytest.raises(ValueError, match=r"give max_rank=16 as well"):
-        GeoLoraConfig(target_modules=["lin"], r=16)
-    assert GeoLoraConfig(target_modules=["lin"], r=16, max_rank=16).max_rank == 16
+        GeoLoraConfig(target_modules=["lin"], r=16, max_rank=8)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ install_parameter_count()
 install_model_card()
 install_damage_checks()
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 __all__ = [
     "GEOLORA",
     "DamagedAdapterError",

@@ -20,6 +20,10 @@ AUTO_ADAPTER_STEP = 5e-3
 # the scale an adapter with lora_alpha="auto" computes with before an allocator has resolved it (and for ever when no
 # allocator drives it, or under SGD)
 UNRESOLVED_AUTO_SCALE = 1.0
+# The default starting rank, and the default max_rank of a smaller r: 8 columns of storage, 1.01x LoRA r=8's training
+# memory. Smaller storage trains in less (6: 0.76x) and scores less on the suite's test protocol (docs/research.md,
+# "Lean: training memory against score").
+DEFAULT_RANK = 8
 
 
 # Settings of the step variants that 0.2.0 removed (their measurements: docs/research.md), with the value that trains
@@ -56,16 +60,20 @@ class GeoLoraConfig(PeftConfig):
     the ranks stay at ``r`` up to step 100, adapt from 101 to 900, and keep their step-900 values afterwards.
     """
 
-    r: int = field(default=8, metadata={"help": "Initial rank of every adapter (clamped to min(in, out) per layer)."})
-    # 8 by measurement (the lean issue): on the suite's test protocol the default step scores as at 16 (0.2.0's value);
-    # since 0.3.0 the storage is max_rank columns, not 2 * max_rank, and training memory about LoRA r=8's
-    # (docs/research.md, "Lean: training memory against score").
-    max_rank: int = field(
-        default=8,
+    r: int = field(
+        default=DEFAULT_RANK,
         metadata={
-            "help": "Largest rank a layer keeps after truncation, and the adapter's storage: min(in, out, max_rank) "
-            "columns, into whose free columns an augmentation adds its new directions (2 * max_rank with "
-            "step_rule='coefficient').",
+            "help": "Initial rank of every adapter (clamped to min(in, out) per layer); as in LoRA, also the "
+            "storage when it is above the default max_rank."
+        },
+    )
+    max_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": f"Largest rank a layer keeps after truncation, and the adapter's storage: min(in, out, max_rank) "
+            f"columns, into whose free columns an augmentation adds its new directions (2 * max_rank with "
+            f"step_rule='coefficient'). None: max(r, {DEFAULT_RANK}), so a LoRA recipe's r=8 or r=16 trains with "
+            f"LoRA's storage and a small r can grow to {DEFAULT_RANK}.",
             "allocator": True,
         },
     )
@@ -222,6 +230,8 @@ class GeoLoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.max_rank is None and _is_int(self.r):
+            self.max_rank = max(self.r, DEFAULT_RANK)
         self._validate()
 
     def storage_columns(self) -> int:
@@ -250,7 +260,7 @@ class GeoLoraConfig(PeftConfig):
             self.r,
             f"in [`min_rank`, `max_rank`] = [{self.min_rank}, {self.max_rank}]",
             self.min_rank <= self.r <= self.max_rank,
-            # a LoRA recipe's r=16 meets the default max_rank: say what each field means and what to give
+            # max_rank given below r: say what each field means and what to give
             f"GeoLoRA's `r` is the starting rank and `max_rank` the largest rank a layer keeps (its storage: training "
             f"memory follows it); to train up to rank {self.r}, give max_rank={self.r} as well."
             if _is_int(self.r) and self.r > self.max_rank
