@@ -41,11 +41,15 @@ def test_config_round_trips_through_json_pickle_and_deepcopy(tmp_path) -> None:
 
 def test_max_rank_follows_a_lora_rank_above_the_default_and_refuses_a_smaller_one_with_the_fix() -> None:
     """A LoRA recipe's r=8 or r=16 stores (and may keep) r columns as LoRA does; a smaller r can grow to the default
-    storage; an explicit max_rank below r is refused with the setting that lets it train."""
+    storage; max_rank alone sets a smaller storage and starts there; an explicit max_rank below an explicit r is
+    refused with the setting that lets it train."""
     default = config_module.DEFAULT_RANK
     assert GeoLoraConfig(target_modules=["lin"]).r == GeoLoraConfig(target_modules=["lin"]).max_rank == default
     assert GeoLoraConfig(target_modules=["lin"], r=16).max_rank == 16
     assert GeoLoraConfig(target_modules=["lin"], r=1).max_rank == default
+    smaller = GeoLoraConfig(target_modules=["lin"], max_rank=6)
+    assert (smaller.r, smaller.max_rank, smaller.storage_columns()) == (6, 6, 6)
+    assert GeoLoraConfig(target_modules=["lin"], max_rank=32).r == default
     with pytest.raises(ValueError, match=r"give max_rank=16 as well"):
         GeoLoraConfig(target_modules=["lin"], r=16, max_rank=8)
 

@@ -60,11 +60,12 @@ class GeoLoraConfig(PeftConfig):
     the ranks stay at ``r`` up to step 100, adapt from 101 to 900, and keep their step-900 values afterwards.
     """
 
-    r: int = field(
-        default=DEFAULT_RANK,
+    r: Optional[int] = field(
+        default=None,
         metadata={
-            "help": "Initial rank of every adapter (clamped to min(in, out) per layer); as in LoRA, also the "
-            "storage when it is above the default max_rank."
+            "help": f"Initial rank of every adapter (clamped to min(in, out) per layer); as in LoRA, also the "
+            f"storage when it is above the default max_rank. None: min({DEFAULT_RANK}, max_rank), so max_rank alone "
+            f"sets a smaller storage."
         },
     )
     max_rank: Optional[int] = field(
@@ -230,6 +231,10 @@ class GeoLoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        # r and max_rank follow each other when one is left out: r=16 alone stores 16 columns as LoRA r=16 does,
+        # max_rank=6 alone starts at 6 (the smaller storage the lean trade-off measured)
+        if self.r is None:
+            self.r = min(DEFAULT_RANK, self.max_rank) if _is_int(self.max_rank) else DEFAULT_RANK
         if self.max_rank is None and _is_int(self.r):
             self.max_rank = max(self.r, DEFAULT_RANK)
         self._validate()
