@@ -934,13 +934,12 @@ def frontier_points(results: Path) -> list[Point]:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     lrs = chosen_lrs(results)
     records = load(results, "frontier") + [r for r in load(results, "frontier_lr") if r["seed"] == 0]
-    chosen = {  # each size's step, once (size_setting reads its seed-0 runs)
-        (r["method"], size): size_setting(r["method"], size, lrs.get(r["method"], r["lr"]), results)
-        for r in records
-        for size in [base_size(r["method"], r["variant"])]
-    }
-    for r in records:
-        if (r["lr"], r["variant"]) == chosen[(r["method"], base_size(r["method"], r["variant"]))]:
+    size_of = [(r["method"], base_size(r["method"], r["variant"])) for r in records]
+    suite_lr = {key: lrs.get(r["method"], r["lr"]) for key, r in zip(size_of, records)}
+    # each size's step, once per size (size_setting reads its seed-0 runs)
+    chosen = {(method, size): size_setting(method, size, lr, results) for (method, size), lr in suite_lr.items()}
+    for key, r in zip(size_of, records):
+        if (r["lr"], r["variant"]) == chosen[key]:
             runs[(r["method"], r["variant"])].append(r)
     for r in load(results, "test"):
         if r["task"] in FRONTIER_TASKS and r["method"] in SUITE_SIZES:
