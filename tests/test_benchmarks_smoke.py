@@ -130,6 +130,43 @@ def test_suite_chooses_each_lr_from_complete_grids_and_calls_ties(tmp_path) -> N
     assert verdicts == {"lora": {"trec6": "tie", "sms_spam": "win"}}
 
 
+def test_a_screened_model_chooses_among_the_screen_tasks_best_lrs_and_reuses_seed_0(tmp_path, monkeypatch) -> None:
+    """On a model with a screen task the whole grid runs there, the other LR_TASKS run its SCREEN_KEEP best lrs, the
+    choice is the best mean among those (a better score at another lr does not count); a seed-0 test run at the chosen
+    lr is its lr run's record, not a second training."""
+    import suite
+
+    monkeypatch.setitem(suite.MODELS, "wide", {"results": tmp_path, "screen": "trec6", "every_test_variant": False})
+    grid = suite.LR_GRID["lora"]
+
+    def write(task: str, lr: float, score: float) -> None:
+        run = suite.lr_run(task, "lora", lr)
+        run.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        run.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": score}}, "seed": 0}))
+
+    for lr, score in zip(grid[:-1], (0.60, 0.90, 0.80, 0.85)):
+        write("trec6", lr, score)
+    assert suite.lr_candidates(tmp_path, "lora") is None  # the screen is not complete yet
+    planned = [r for r in suite.planned_runs("lr", tmp_path) if r.method == "lora"]
+    assert {(r.task, r.lr) for r in planned} == {("trec6", lr) for lr in grid}
+    write("trec6", grid[-1], 0.10)
+    assert suite.lr_candidates(tmp_path, "lora") == (grid[1], grid[3])
+    planned = [r for r in suite.planned_runs("lr", tmp_path) if r.method == "lora" and r.task == "rt_polarity"]
+    assert [r.lr for r in planned] == [grid[1], grid[3]]
+    write("rt_polarity", grid[0], 0.99)  # not a candidate: ignored
+    write("rt_polarity", grid[1], 0.70)
+    assert "lora" not in suite.chosen_lrs(tmp_path)
+    write("rt_polarity", grid[3], 0.80)
+    assert suite.chosen_lrs(tmp_path)["lora"] == grid[3]  # 0.825 against 0.80
+
+    test_run = suite.Run("test", "rt_polarity", "lora", grid[3], 0)
+    record = suite.reuse_lr_twin(test_run, tmp_path)
+    assert record["reused_from"] == suite.lr_run("rt_polarity", "lora", grid[3]).path(tmp_path).name
+    assert json.loads(test_run.path(tmp_path).read_text())["metrics"] == {"validation": {"accuracy": 0.80}}
+    assert suite.reuse_lr_twin(suite.Run("test", "rt_polarity", "lora", grid[3], 1), tmp_path) is None
+    assert suite.reuse_lr_twin(suite.Run("test", "rt_polarity", "lora", grid[2], 0), tmp_path) is None
+
+
 def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(tmp_path) -> None:
     """The frontier: a point's score is the mean over FRONTIER_TASKS, then over the seeds with every task done (a seed
     missing a task is left out); the suite's test runs are the methods' suite-size points; a peer point is dominated
