@@ -684,6 +684,7 @@ def execute(run: Run, results: Path, smoke: bool, model: str = "minilm") -> dict
         "lora_r8_params_same_layers": out.get("lora_r8_params_same_layers"),
         "ranks": out["ranks"],
         "final_train_loss": out["final_train_loss"],
+        "stalled_at": out.get("stalled_at"),
         "median_step_s": out["median_step_s"],
         "wall_s": out["wall_s"],
         "cpu_s": out["cpu_s"],

@@ -21,9 +21,10 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from transformers import (
 
 import peft_geolora
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
+from peft_geolora.stall import StallWatch
 
 
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")  # "full": full fine-tuning, no adapter
@@ -318,6 +320,7 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
         model, optimizer, train_loader, scheduler, *eval_loaders.values()
     )
     allocator = RankAllocator(model, optimizer) if method == "geolora" else None
+    stall = StallWatch(total_steps)  # every method: a loss that stays where it started is warned about
     step, losses, step_times, log = 0, [], [], []
     progress = tqdm(total=total_steps, desc=f"{method} {config['task']}", disable=not accelerator.is_main_process)
     model.train()
@@ -342,6 +345,8 @@ def train_accelerate(model, data, config, task, accelerator, collate, total_step
             step += 1
             step_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+            if accelerator.is_main_process:
+                stall.update(step, losses[-1])
             postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
             row = {"step": step, "loss": losses[-1]}
             if allocator is not None:  # the kept adapters, not an open cycle's transient augmented ones
@@ -414,6 +419,17 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
     ]
     allocator = callback.allocator if isinstance(callback, GeoLoraCallback) else None
     return trainer.model, allocator, metrics, losses, [elapsed / total_steps], trainer.state.global_step, log
+
+
+def stalled_at(log: list[dict[str, Any]], total_steps: int) -> Optional[int]:
+    """The step at which :class:`~peft_geolora.stall.StallWatch` judged the logged losses stalled (its warning was
+    given during training), or None."""
+    watch = StallWatch(total_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for row in log:
+            watch.update(row["step"], row["loss"])
+    return watch.stalled_at
 
 
 def plot_ranks(history: dict[str, list[tuple[int, int]]], initial: dict[str, int], steps: int, path: Path) -> None:
@@ -531,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "initial_ranks": initial_ranks if allocator else None,
         "rank_history": allocator.rank_history() if allocator else None,
         "runaway_layers": allocator.runaway_layers() if allocator else None,
+        "stalled_at": stalled_at(log, total_steps),
         "log": log,
         "steps": steps,
         "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
