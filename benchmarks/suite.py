@@ -60,13 +60,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "suite"
 # A model's lr grid runs whole on every LR_TASK, or with a "screen" task: the whole grid runs on that (cheap) task and
 # the other LR_TASKS run only its SCREEN_KEEP best lrs (MPNet: trec6's 300 steps take 3.5 CPU-minutes on one thread,
 # rt_polarity's longer sentences 12). GeoLoRA's test runs: every TEST_VARIANT ("every_test_variant") or the package's
-# defaults alone.
+# defaults alone; "tasks": those the test table averages over.
 MODELS = {
-    "minilm": {"results": RESULTS, "overrides": [], "screen": None, "every_test_variant": True},
+    "minilm": {
+        "results": RESULTS,
+        "overrides": [],
+        "screen": None,
+        "every_test_variant": True,
+        "tasks": tuple(OFFLINE_TASKS),
+    },
     "mpnet": {
         "results": RESULTS.parent / "suite_mpnet",
         "screen": "trec6",
         "every_test_variant": False,
+        "tasks": ("rt_polarity", "trec6"),
         "overrides": [
             "model_name_or_path=all-mpnet-base-v2",
             r"target_modules=.*encoder\.layer\.\d+\.(attention\.attn\.[qkvo]|intermediate\.dense|output\.dense)",
@@ -82,6 +89,8 @@ REPORT_BEGIN, REPORT_END = "<!-- suite report: begin (benchmarks/suite.py --repo
 README = ROOT / "README.md"
 FRONTIER_BEGIN = "<!-- frontier: begin (benchmarks/suite.py --report) -->"
 FRONTIER_END = "<!-- frontier: end -->"
+MPNET_BEGIN = "<!-- mpnet: begin (benchmarks/suite.py --model mpnet --report) -->"
+MPNET_END = "<!-- mpnet: end -->"
 BASE_CONFIG = ROOT / "configs" / "glue" / "rt_polarity.yaml"
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")
 ADAPTER_METHODS = METHODS[:4]
@@ -802,20 +811,21 @@ def label(record: dict[str, Any]) -> str:
     return record["method"]
 
 
-def test_table(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method (row label) and task: test score mean ± sd over seeds, adapter parameters; the average over tasks."""
+def test_table(records: list[dict[str, Any]], tasks: tuple[str, ...] = tuple(OFFLINE_TASKS)) -> dict[str, Any]:
+    """Per method (row label) and task: test score mean ± sd over seeds, adapter parameters; the average over
+    ``tasks`` (None until every one has run)."""
     table: dict[str, Any] = {}
     labels = sorted({label(r) for r in records}, key=lambda x: (METHODS.index(x.split(" ")[0]), x))
     for method in labels:
         rows = {}
-        for task in OFFLINE_TASKS:
+        for task in tasks:
             mine = [r for r in records if label(r) == method and r["task"] == task]
             if mine:
                 mean, sd = _mean_sd([r["primary"]["test"] for r in mine])
                 params = statistics.mean(r["adapter_params_end"] for r in mine)
                 rows[task] = {"mean": mean, "sd": sd, "seeds": len(mine), "params": params, "lr": mine[0]["lr"]}
         if rows:
-            complete = len(rows) == len(OFFLINE_TASKS)
+            complete = len(rows) == len(tasks)
             table[method] = {
                 "tasks": rows,
                 "average": statistics.mean(v["mean"] for v in rows.values()) if complete else None,
@@ -850,6 +860,30 @@ def _spread(sizes: list[float]) -> str:
     return f"{max(abs(v - mean) for v in sizes) / mean:.1%}"
 
 
+def test_markdown(results: Path) -> list[str]:
+    """The test table of a results folder (mean ± sd over seeds per task, the average over the model's tasks, adapter
+    parameters) and GeoLoRA's verdict against each rival per task; nothing before a test run exists."""
+    tasks = MODELS[model_of(results)]["tasks"]
+    table = test_table(load(results, "test"), tasks)
+    if not table:
+        return []
+    lines = ["**Test scores** (mean ± sd over seeds; adapter parameters at the end, mean over tasks):", ""]
+    header = "| method | lr | " + " | ".join(tasks) + " | average | adapter params |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for method, data in table.items():
+        cells = []
+        for task in tasks:
+            cell = data["tasks"].get(task)
+            cells.append(f"{cell['mean']:.4f} ± {cell['sd']:.4f} ({cell['seeds']})" if cell else "")
+        average = f"{data['average']:.4f}" if data["average"] is not None else ""
+        lrs = "/".join(sorted({f"{v['lr']:g}" for v in data["tasks"].values()}))
+        lines.append(f"| {method} | {lrs} | " + " | ".join(cells) + f" | {average} | {data['params']:,.0f} |")
+    lines += [""]
+    for rival, per_task in verdicts(table).items():
+        lines.append(f"GeoLoRA vs {rival}: " + ", ".join(f"{t} {v}" for t, v in per_task.items()))
+    return [*lines, ""]
+
+
 def markdown(results: Path) -> str:
     lines = []
     ablation = load(results, "ablation")
@@ -873,22 +907,7 @@ def markdown(results: Path) -> str:
                     size = f"{statistics.mean(params):,.0f}" if params else ""
                     lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {mean} | {size} |")
         lines += ["", f"Chosen: {', '.join(f'{m} {lr:g}' for m, lr in chosen_lrs(results).items()) or 'none yet'}", ""]
-    table = test_table(load(results, "test"))
-    if table:
-        lines += ["**Test scores** (mean ± sd over seeds; adapter parameters at the end, mean over tasks):", ""]
-        header = "| method | " + " | ".join(OFFLINE_TASKS) + " | average | adapter params |"
-        lines += [header, "|" + "---|" * (header.count("|") - 1)]
-        for method, data in table.items():
-            cells = []
-            for task in OFFLINE_TASKS:
-                cell = data["tasks"].get(task)
-                cells.append(f"{cell['mean']:.4f} ± {cell['sd']:.4f} ({cell['seeds']})" if cell else "")
-            average = f"{data['average']:.4f}" if data["average"] is not None else ""
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} | {data['params']:,.0f} |")
-        lines += [""]
-        for rival, per_task in verdicts(table).items():
-            lines.append(f"GeoLoRA vs {rival}: " + ", ".join(f"{t} {v}" for t, v in per_task.items()))
-        lines += [""]
+    lines += test_markdown(results)
     init = load(results, "init_rank")
     if init:
         lines += [
@@ -1301,6 +1320,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             if frontier:
                 image = "![size-score frontier](benchmarks/results/suite/frontier.png)"
                 replace_block(README, FRONTIER_BEGIN, FRONTIER_END, "\n".join([*frontier, image]))
+        elif results.resolve() == Path(MODELS["mpnet"]["results"]).resolve():
+            title = (
+                "**MPNet-base** (`all-mpnet-base-v2`, hidden 768, every encoder Linear, bf16 autocast, the suite's "
+                "protocol; each method's lr chosen on this model's validation splits; `make mpnet`, then "
+                "`python benchmarks/suite.py --model mpnet --phase lr`, `--phase test`):"
+            )
+            replace_block(README, MPNET_BEGIN, MPNET_END, "\n".join([title, "", *test_markdown(results)]).rstrip())
         print(report)
 
 
