@@ -59,8 +59,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "suite"
 # pieces, scripts/glue/run_glue.py mpnet_path). The same layers on both: every Linear inside the encoder.
 # A model's lr grid runs whole on every LR_TASK, or with a "screen" task: the whole grid runs on that (cheap) task and
 # the other LR_TASKS run only its SCREEN_KEEP best lrs (MPNet: trec6's 300 steps take 3.5 CPU-minutes on one thread,
-# rt_polarity's longer sentences 12). GeoLoRA's test runs: every TEST_VARIANT ("every_test_variant") or the package's
-# defaults alone; "tasks": those the test table averages over.
+# rt_polarity's longer sentences 12). GeoLoRA's test runs: every TEST_VARIANT ("every_test_variant"), or the package's
+# defaults and the width question's variant (WIDTH_VARIANT); "tasks": those the test table averages over.
 MODELS = {
     "minilm": {
         "results": RESULTS,
@@ -596,7 +596,8 @@ def planned_runs(phase: str, results: Path, seeds: Optional[tuple[int, ...]] = N
         missing = [m for m in METHODS if m not in lrs]
         if missing:
             print(f"test phase: no lr chosen yet for {missing} (run --phase lr first); skipping them", flush=True)
-        test_variants = TEST_VARIANTS if MODELS[model_of(results)]["every_test_variant"] else (DEFAULT_VARIANT,)
+        every = MODELS[model_of(results)]["every_test_variant"]
+        test_variants = TEST_VARIANTS if every else (DEFAULT_VARIANT, WIDTH_VARIANT)
         geolora_lrs = variant_lrs(test_variants, lrs["geolora"], results) if "geolora" in lrs else {}
         for seed in SEEDS:  # seed-major: every method's first seed before anyone's second (a partial suite compares)
             for method in (m for m in METHODS if m in lrs and (m != "full" or seed == SEEDS[0])):
@@ -709,18 +710,21 @@ def execute(run: Run, results: Path, smoke: bool, model: str = "minilm") -> dict
 
 
 def reuse_lr_twin(run: Run, results: Path) -> Optional[dict[str, Any]]:
-    """A test run whose lr-grid twin has run (seed 0, same task, method, lr and variant: the same command) is that
-    run: its record is written again under the test phase, with ``reused_from`` naming the twin; None otherwise."""
+    """A test run whose twin has run (seed 0, same task, method, lr, variant and overrides: the same command) in the
+    lr grid or, for a GeoLoRA variant, in the ablation is that run: its record is written again under the test phase,
+    with ``reused_from`` naming the twin; None otherwise."""
     if run.phase != "test":
         return None
-    twin = lr_run(run.task, run.method, run.lr, lr_variant(results))
-    if (twin.seed, twin.variant, twin.overrides) != (run.seed, run.variant, run.overrides):
-        return None
-    if not twin.path(results).is_file():
-        return None
-    record = {**json.loads(twin.path(results).read_text()), "phase": "test", "reused_from": twin.path(results).name}
-    write_record(run.path(results), record)
-    return record
+    twins = [lr_run(run.task, run.method, run.lr, lr_variant(results))]
+    if run.method == "geolora":
+        twins.append(Run("ablation", run.task, run.method, run.lr, 0, run.variant, run.overrides))
+    for twin in twins:
+        same = (twin.seed, twin.variant, twin.overrides) == (run.seed, run.variant, run.overrides)
+        if same and twin.path(results).is_file():
+            record = {**json.loads(twin.path(results).read_text()), "phase": "test", "reused_from": twin.path(results).name}
+            write_record(run.path(results), record)
+            return record
+    return None
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:

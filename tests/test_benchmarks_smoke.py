@@ -165,6 +165,15 @@ def test_a_screened_model_chooses_among_the_screen_tasks_best_lrs_and_reuses_see
     assert json.loads(test_run.path(tmp_path).read_text())["metrics"] == {"validation": {"accuracy": 0.80}}
     assert suite.reuse_lr_twin(suite.Run("test", "rt_polarity", "lora", grid[3], 1), tmp_path) is None
     assert suite.reuse_lr_twin(suite.Run("test", "rt_polarity", "lora", grid[2], 0), tmp_path) is None
+    # a GeoLoRA variant's seed-0 test run is its ablation run (the width question's variant on MPNet)
+    width = suite.RUNNABLE[suite.WIDTH_VARIANT]
+    ablation = suite.Run("ablation", "trec6", "geolora", 5e-3, 0, suite.WIDTH_VARIANT, width)
+    ablation.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    ablation.path(tmp_path).write_text(json.dumps({"metrics": {"validation": {"accuracy": 0.9}}, "seed": 0}))
+    reused = suite.reuse_lr_twin(suite.Run("test", "trec6", "geolora", 5e-3, 0, suite.WIDTH_VARIANT, width), tmp_path)
+    assert reused["reused_from"] == ablation.path(tmp_path).name
+    other = suite.Run("test", "trec6", "geolora", 5e-3, 0, suite.DEFAULT_VARIANT, suite.GEOLORA_DEFAULTS)
+    assert suite.reuse_lr_twin(other, tmp_path) is None
 
 
 def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(tmp_path) -> None:
