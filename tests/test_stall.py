@@ -19,7 +19,7 @@ from .tiny_models import build
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "glue"))
-import run_glue  # noqa: E402
+import run_glue
 
 
 def _feed(watch: StallWatch, losses: dict[int, float]) -> list[warnings.WarningMessage]:
@@ -48,13 +48,13 @@ def test_a_falling_loss_is_never_reported_and_the_bound_is_relative() -> None:
 
 
 def test_runs_not_seen_from_their_start_short_runs_and_nan_losses_are_not_judged() -> None:
-    flat = {t: 0.69 for t in range(1, 301)}
+    flat = dict.fromkeys(range(1, 301), 0.69)
     assert _feed(StallWatch(300), {t: v for t, v in flat.items() if t > 100}) == []  # resumed at step 100
     assert _feed(StallWatch(300), {t: v for t, v in flat.items() if t % 50 == 0}) == []  # logged every 50 > w = 30
-    assert _feed(StallWatch(MIN_STEPS - 1), {t: 0.69 for t in range(1, MIN_STEPS)}) == []
+    assert _feed(StallWatch(MIN_STEPS - 1), dict.fromkeys(range(1, MIN_STEPS), 0.69)) == []
     with_nan = {**{t: 0.69 - t * 1e-3 for t in range(1, 301)}, 200: float("nan")}
     assert _feed(StallWatch(300), with_nan) == []
-    every_10 = {t: 0.69 for t in range(10, 301, 10)}  # the Trainer's logging_steps=10: windows of 3 logs each
+    every_10 = dict.fromkeys(range(10, 301, 10), 0.69)  # the Trainer's logging_steps=10: windows of 3 logs each
     assert len(_feed(StallWatch(300), every_10)) == 1
 
 
