@@ -808,8 +808,11 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def label(record: dict[str, Any]) -> str:
-    """A record's row in the test table: its method; GeoLoRA runs of a non-default variant as ``geolora [variant]``."""
+    """A record's row in the test table: its method; GeoLoRA runs of a non-default variant as ``geolora [variant]``
+    (the width question's as ``geolora [2x step]``)."""
     variant = record.get("variant", "")
+    if record["method"] == "geolora" and variant == WIDTH_VARIANT:
+        return "geolora [2x step]"
     if record["method"] == "geolora" and variant not in ("", DEFAULT_VARIANT):
         return f"geolora [{variant}]"
     return record["method"]
