@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from typing import Optional
 
 
@@ -37,21 +38,29 @@ class StallWatch:
         """``total_steps``: the run's optimizer steps ``T`` (the Trainer's ``max_steps``)."""
         self.total_steps = total_steps
         self.window = max(1, total_steps // 10)
-        self.logged: list[tuple[int, float]] = []
+        # running sums, so that an update costs O(1) when a loop feeds every step: the first window's losses, and the
+        # losses logged after it that lie in the latest window (oldest first)
+        self.first_sum, self.first_count = 0.0, 0
+        self.latest: deque[tuple[int, float]] = deque()
+        self.latest_sum = 0.0
         self.stalled_at: Optional[int] = None  # the step at which the warning was given
 
     def update(self, step: int, loss: float) -> None:
         """Record the training loss logged at optimizer ``step`` and warn if the run has stalled."""
         if not math.isfinite(loss):
             return  # a NaN or inf loss is the runaway watch's and the optimizer's business, not a stall
-        self.logged.append((step, loss))
+        if step <= self.window:
+            self.first_sum, self.first_count = self.first_sum + loss, self.first_count + 1
+        else:
+            self.latest.append((step, loss))
+            self.latest_sum += loss
+        while self.latest and self.latest[0][0] <= step - self.window:
+            self.latest_sum -= self.latest.popleft()[1]
         if self.stalled_at is not None or self.total_steps < MIN_STEPS or step < self.total_steps / 2:
             return
-        first = [v for s, v in self.logged if s <= self.window]  # none in a run resumed (or first logged) later on
-        latest = [v for s, v in self.logged if s > step - self.window and s > self.window]
-        if not first or not latest:
+        if not self.first_count or not self.latest:  # no first window in a run resumed (or first logged) later on
             return
-        start, now = sum(first) / len(first), sum(latest) / len(latest)
+        start, now = self.first_sum / self.first_count, self.latest_sum / len(self.latest)
         if now >= (1 - STALL_TOLERANCE) * start:
             self.stalled_at = step
             warnings.warn(
