@@ -176,7 +176,7 @@ def test_a_screened_model_chooses_among_the_screen_tasks_best_lrs_and_reuses_see
     assert suite.reuse_lr_twin(other, tmp_path) is None
 
 
-def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(tmp_path) -> None:
+def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(tmp_path, monkeypatch) -> None:
     """The frontier: a point's score is the mean over FRONTIER_TASKS, then over the seeds with every task done (a seed
     missing a task is left out); the suite's test runs are the methods' suite-size points; a peer point is dominated
     by the smallest GeoLoRA point of at most its size + 5 % that scores at least as high on the seeds both have."""
@@ -188,6 +188,7 @@ def test_frontier_points_average_complete_seeds_and_name_each_undominated_peer(t
         record = {**_record(task, method, 1e-3, score, seed, "test"), "variant": variant, "adapter_params_end": params}
         run.path(tmp_path).write_text(json.dumps(record))
 
+    monkeypatch.setattr(suite, "FRONTIER_TASKS", ("rt_polarity", "trec6"))  # two tasks keep the means readable
     first, second = suite.FRONTIER_TASKS
     smaller = next(v for v in suite.LEAN_VARIANTS if v.endswith("_max4") and v != suite.DEFAULT_VARIANT)
     cycle0 = f"{suite.STEP_VARIANT}_c0_max8"
@@ -255,11 +256,14 @@ def test_a_frontier_size_takes_the_larger_step_only_once_both_are_measured_and_i
     """size_setting: the suite's lr until the size's larger step is measured on validation (seed 0, LR_TASKS); then
     the better of the two. LoRA's larger step is the next grid rate; GeoLoRA's (whose adapter step does not follow
     lr) twice the adapter step at the same lr, a variant of its own. The frontier's seed 0 at a switched step is that
-    frontier_lr run, its later seeds run the switched setting, and its point uses them."""
+    frontier_lr run on LR_TASKS and a frontier run of its own on the other FRONTIER_TASKS, its later seeds run the
+    switched setting, and its point uses them."""
     import suite
 
     grid = suite.LR_GRID["lora"]
     suite_lr = grid[1]
+    others = tuple(t for t in suite.FRONTIER_TASKS if t not in suite.LR_TASKS)
+    assert others  # the frontier covers more tasks than the rates were chosen on
 
     def write(phase: str, lr: float, score: float, tasks=suite.LR_TASKS, method="lora", variant="r1") -> None:
         for task in tasks:
@@ -276,6 +280,7 @@ def test_a_frontier_size_takes_the_larger_step_only_once_both_are_measured_and_i
     assert suite.size_setting("lora", "r1", suite_lr, tmp_path) == (suite_lr, "r1")
     write("frontier_lr", grid[2], 0.85)
     assert suite.size_setting("lora", "r1", suite_lr, tmp_path) == (grid[2], "r1")
+    write("frontier", grid[2], 0.85, others)  # seed 0 at the chosen rate on the tasks the rate was not chosen on
     points = {p.name: p for p in suite.frontier_points(tmp_path)}
     assert points["lora r1"].lr == grid[2] and points["lora r1"].score == pytest.approx(0.85)
     write("frontier_lr", grid[2], 0.75)
@@ -292,8 +297,12 @@ def test_a_frontier_size_takes_the_larger_step_only_once_both_are_measured_and_i
     candidates = [r for r in suite.frontier_lr_runs(tmp_path) if r.variant == name]
     assert len(candidates) == len(suite.LR_TASKS) and all(r.overrides[-1] == extra[0] for r in candidates)
     frontier = [r for r in suite.frontier_runs(tmp_path) if r.variant.startswith(size)]
-    assert {r.seed for r in frontier} == {1, 2} and {r.variant for r in frontier} == {name}
-    assert all(r.overrides == candidates[0].overrides for r in frontier)
+    assert {(r.seed, r.task) for r in frontier} == {
+        *((seed, task) for seed in (1, 2) for task in suite.FRONTIER_TASKS),
+        *((0, task) for task in others),
+    }
+    assert {r.variant for r in frontier} == {name} and all(r.overrides == candidates[0].overrides for r in frontier)
+    write("frontier", geo_lr, 0.83, others, method="geolora", variant=name)
     points = {p.name: p for p in suite.frontier_points(tmp_path)}
     assert points[f"geolora {name}"].score == pytest.approx(0.83) and f"geolora {size}" not in points
 
