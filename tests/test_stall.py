@@ -12,7 +12,7 @@ import torch
 from peft import get_peft_model
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from peft_geolora import GeoLoraCallback, GeoLoraConfig
+from peft_geolora import GeoLoraCallback, GeoLoraConfig, StallCallback
 from peft_geolora.stall import MIN_STEPS, STALL_TOLERANCE, StallWatch
 
 from .tiny_models import build
@@ -81,3 +81,34 @@ def test_the_trainer_callback_watches_the_logged_loss(tmp_path: Path) -> None:
 def test_the_glue_script_records_the_step_its_run_stalled_at(stuck: bool) -> None:
     log = [{"step": t, "loss": 0.69 if stuck else 0.69 / (1 + t / 30)} for t in range(1, 301)]
     assert run_glue.stalled_at(log, 300) == (150 if stuck else None)
+
+
+@pytest.mark.parametrize("lr", [0.0, 1e-2])
+def test_any_trainer_run_gets_the_watch_from_stall_callback(tmp_path: Path, lr: float) -> None:
+    """A LoRA model in a real Trainer: at lr 0 the loss stays where it started and the callback warns once, at half
+    of training; a run that learns is left alone."""
+    from peft import LoraConfig
+    from transformers import Trainer
+
+    from .tiny_models import classification_dataset
+
+    model, targets = build("bert", seed=0)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=targets, r=4))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=100,
+        per_device_train_batch_size=16,
+        learning_rate=lr,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    callback = StallCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=classification_dataset(256), callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    stalled = [w for w in caught if "not learning" in str(w.message)]
+    assert (len(stalled), callback.watch.stalled_at) == ((1, 50) if lr == 0 else (0, None))

@@ -49,7 +49,7 @@ from transformers import (
 
 import peft_geolora
 from peft_geolora import GeoLoraCallback, GeoLoraConfig, RankAllocator
-from peft_geolora.stall import StallWatch
+from peft_geolora.stall import StallCallback, StallWatch
 
 
 METHODS = ("geolora", "lora", "adalora", "adamss", "full")  # "full": full fine-tuning, no adapter
@@ -394,7 +394,10 @@ def train_trainer(model, data, config, task, collate, total_steps, warmup_steps,
         bf16=config.get("mixed_precision", "no") == "bf16",  # the accelerate loop's setting, in the Trainer's terms
         fp16=config.get("mixed_precision", "no") == "fp16",
     )
+    # GeoLoraCallback watches for a stalled loss itself; every other method gets the watch on its own
     callbacks = [callback] if config["method"] not in ("lora", "full") else []
+    if config["method"] != "geolora":
+        callbacks.append(StallCallback())
     trainer = Trainer(
         model=model,
         args=args,

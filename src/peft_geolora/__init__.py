@@ -39,6 +39,7 @@ from .model import GeoLoraModel  # noqa: E402
 from .model_card import install as install_model_card  # noqa: E402
 from .parameter_count import install as install_parameter_count  # noqa: E402
 from .registry import GEOLORA, register  # noqa: E402
+from .stall import StallCallback  # noqa: E402
 from .transformers_loading import install as install_transformers_loading  # noqa: E402
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "GeoLoraModel",
     "Linear",
     "RankAllocator",
+    "StallCallback",
     "check_adapter_dir",
     "export_adapter_dir",
     "export_to_lora",

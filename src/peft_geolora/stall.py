@@ -21,7 +21,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
 STALL_TOLERANCE = 0.02
@@ -64,9 +66,34 @@ class StallWatch:
         if now >= (1 - STALL_TOLERANCE) * start:
             self.stalled_at = step
             warnings.warn(
-                f"GeoLoRA: the training loss has not fallen in {step} of {self.total_steps} steps (mean {now:.4g} over "
+                f"The training loss has not fallen in {step} of {self.total_steps} steps (mean {now:.4g} over "
                 f"the latest {self.window} steps, {start:.4g} over the first): the run is not learning. A loss at "
                 "chance from the start means a step too large for the task (lower the learning rate, or lora_alpha / "
                 "scaling); a loss that barely moves means one too small (raise the learning rate).",
                 stacklevel=2,
             )
+
+
+class StallCallback(TrainerCallback):
+    """The watch inside the transformers ``Trainer`` for any model (LoRA, AdaLoRA, full fine-tuning):
+    ``Trainer(..., callbacks=[StallCallback()])``. :class:`~peft_geolora.GeoLoraCallback` keeps a watch of its own,
+    so a GeoLoRA run needs nothing more. Judged on the main process's logged losses."""
+
+    def __init__(self) -> None:
+        self.watch: Optional[StallWatch] = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.watch = StallWatch(state.max_steps)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Optional[dict[str, float]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.watch is not None and logs is not None and "loss" in logs and state.is_world_process_zero:
+            self.watch.update(state.global_step, float(logs["loss"]))
