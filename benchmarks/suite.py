@@ -371,13 +371,24 @@ GEOLORA_BUDGETS = (
 # ranks over the layers, and max_rank caps a layer's share: at max_rank 4 the largest budget would be rank 4
 # everywhere, LoRA r=4's size)
 BUDGET_VARIANT = f"{STEP_VARIANT}_max8"
+# The large end: LoRA r = 8's size (AdaLoRA 8 keeps 340 k, so a point there can dominate it). At max_rank 8 that budget
+# is rank 8 in every layer with nothing left to allocate, so it runs with the step variant's storage, max_rank 16
+# (LoRA r=16's), starting at r = 8: a layer can take up to twice the mean rank.
+LARGE_BUDGET = 8 * LORA_PARAMS_PER_RANK
 FRONTIER: dict[str, dict[str, tuple[str, ...]]] = {
     "lora": {f"r{r}": (f"lora.r={r}", f"lora.lora_alpha={2 * r}") for r in (1, 2, 4)},
     "adalora": {f"r{r}": (f"adalora.target_r={r}", f"adalora.init_r={3 * r // 2}") for r in (2, 4)},
     "adamss": {"asa25": ("adamss.asa_target_subspaces=25",)},
     "geolora": {
-        f"budget{b}": (*RUNNABLE[BUDGET_VARIANT], "geolora.budget_unit=params", f"geolora.budget={b}")
-        for b in GEOLORA_BUDGETS
+        **{
+            f"budget{b}": (*RUNNABLE[BUDGET_VARIANT], "geolora.budget_unit=params", f"geolora.budget={b}")
+            for b in GEOLORA_BUDGETS
+        },
+        f"budget{LARGE_BUDGET}_max16": (
+            *RUNNABLE[STEP_VARIANT],
+            "geolora.budget_unit=params",
+            f"geolora.budget={LARGE_BUDGET}",
+        ),
     },
 }
 
