@@ -74,7 +74,7 @@ def test_the_trainer_callback_watches_the_logged_loss(tmp_path: Path) -> None:
             callback.on_log(args, state, control, logs=logs)
             assert "geolora_total_rank" in logs
     stalled = [w for w in caught if "not learning" in str(w.message)]
-    assert len(stalled) == 1 and callback.stall.stalled_at == 50
+    assert len(stalled) == 1 and callback.watch.stalled_at == 50
 
 
 @pytest.mark.parametrize("stuck", [True, False])

@@ -8,12 +8,12 @@ from typing import Any, Optional
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from .allocator import RankAllocator
 from .loading import DamagedAdapterError
 from .model import check_finite_float
-from .stall import StallWatch
+from .stall import StallCallback
 
 
 ALLOCATOR_STATE_NAME = "geolora_allocator.json"
@@ -63,7 +63,7 @@ def load_allocator_state(allocator: RankAllocator, folder: str) -> bool:
     return True
 
 
-class GeoLoraCallback(TrainerCallback):
+class GeoLoraCallback(StallCallback):
     """Adapts GeoLoRA ranks during ``Trainer.train()``.
 
     ``Trainer(model=peft_model, ..., callbacks=[GeoLoraCallback()])``. The allocator is built when the Trainer
@@ -74,7 +74,7 @@ class GeoLoraCallback(TrainerCallback):
     the step rule's tensors in ``geolora_allocator.safetensors``) and restored on ``resume_from_checkpoint``. Logs
     gain ``geolora_total_rank`` and ``geolora_adapter_params`` of the kept adapter (inside an open cycle: the ranks
     kept before its augmentation). A logged training loss that has not fallen by half of training is warned about
-    once (:class:`~peft_geolora.stall.StallWatch`).
+    once (it is a :class:`~peft_geolora.StallCallback`).
 
     Parameters
     ----------
@@ -83,8 +83,8 @@ class GeoLoraCallback(TrainerCallback):
 
     def __init__(self, **allocator_options: Any) -> None:
         self.allocator_options = allocator_options
+        super().__init__()
         self.allocator: Optional[RankAllocator] = None
-        self.stall: Optional[StallWatch] = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -95,7 +95,7 @@ class GeoLoraCallback(TrainerCallback):
         if self.allocator is not None:
             self.allocator.remove()
         self.allocator = RankAllocator(model, optimizer, **self.allocator_options)
-        self.stall = StallWatch(state.max_steps)
+        super().on_train_begin(args, state, control, **kwargs)
         if state.global_step > 0:  # resumed: continue the step count (and history) of the checkpoint
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if not load_allocator_state(self.allocator, folder):
@@ -155,8 +155,7 @@ class GeoLoraCallback(TrainerCallback):
     ) -> None:
         if self.allocator is None or logs is None:
             return
-        if "loss" in logs and state.is_world_process_zero:
-            self.stall.update(state.global_step, float(logs["loss"]))
+        super().on_log(args, state, control, logs=logs, **kwargs)
         stats = {  # the kept adapter, not an open cycle's transient augmented one
             "geolora_total_rank": self.allocator.total_rank(kept=True),
             "geolora_adapter_params": self.allocator.num_adapter_parameters(kept=True),

@@ -76,8 +76,8 @@ class StallWatch:
 
 class StallCallback(TrainerCallback):
     """The watch inside the transformers ``Trainer`` for any model (LoRA, AdaLoRA, full fine-tuning):
-    ``Trainer(..., callbacks=[StallCallback()])``. :class:`~peft_geolora.GeoLoraCallback` keeps a watch of its own,
-    so a GeoLoRA run needs nothing more. Judged on the main process's logged losses."""
+    ``Trainer(..., callbacks=[StallCallback()])``. :class:`~peft_geolora.GeoLoraCallback` is one, so a GeoLoRA run
+    needs nothing more. Judged on the main process's logged losses."""
 
     def __init__(self) -> None:
         self.watch: Optional[StallWatch] = None
