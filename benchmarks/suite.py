@@ -1100,7 +1100,7 @@ def frontier_markdown(results: Path) -> list[str]:
         return []
     lines = [
         (
-            f"**Size-score frontier** ({' and '.join(FRONTIER_TASKS)}, test split; the mean over the tasks, then over "
+            f"**Size-score frontier** ({', '.join(FRONTIER_TASKS)}, test split; the mean over the tasks, then over "
             "the seeds with every task done, ± its sd over seeds; adapter parameters at the end; each method at the "
             "suite's lr, or a size's own where the next larger rate scored higher on validation, `--phase "
             "frontier_lr`; `python benchmarks/suite.py --phase frontier`):"
